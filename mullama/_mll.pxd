@@ -1,0 +1,31 @@
+# Declarations of mullama's own C helpers (include/mullama/*.h). No logic here.
+
+from libc.stdint cimport int32_t
+
+cdef extern from "mullama/mll_utf8.h" nogil:
+    ctypedef struct mll_utf8_hold:
+        size_t tail_len
+    int mll_utf8_seq_len(unsigned char b)
+    size_t mll_utf8_complete_len(const unsigned char * buf, size_t length)
+    void mll_utf8_reset(mll_utf8_hold * h)
+    size_t mll_utf8_feed(mll_utf8_hold * h, const char * data, size_t n, char * out)
+    size_t mll_utf8_flush(mll_utf8_hold * h, char * out)
+
+cdef extern from "mullama/mll_stop.h" nogil:
+    ctypedef struct mll_stop:
+        size_t n_stops
+        size_t max_len
+        size_t held
+        int matched
+        size_t matched_index
+    size_t mll_stop_workspace_len(const size_t * lens, size_t n_stops)
+    int mll_stop_init(mll_stop * m, const char * const * stops, const size_t * lens,
+                      size_t n_stops, size_t * workspace)
+    void mll_stop_reset(mll_stop * m)
+    int mll_stop_feed(mll_stop * m, const char * data, size_t n, char * out, size_t * out_len)
+    size_t mll_stop_flush(mll_stop * m, char * out)
+
+cdef extern from "mullama/mll_logits.h" nogil:
+    int32_t mll_argmax(const float * x, int32_t n)
+    double mll_logsumexp(const float * x, int32_t n)
+    int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)

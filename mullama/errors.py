@@ -1,0 +1,99 @@
+"""mullama's exceptions, and the one place where llama.cpp's status codes and
+NULL results become Python exceptions.
+
+User mistakes (bad parameters, a prompt that does not fit) are ``ValueError``
+subclasses; faults of the engine or the model file are ``RuntimeError`` /
+``OSError`` subclasses. Cancellation is never wrapped: it is always the
+runtime's own exception (``KeyboardInterrupt``, ``trio.Cancelled``,
+``asyncio.CancelledError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MullamaError",
+    "ModelLoadError",
+    "ContextOverflowError",
+    "GenerationError",
+    "StreamingError",
+    "TemplateError",
+    "DefaultModelMissingError",
+    "ClosedError",
+    "raise_for_decode",
+]
+
+
+class MullamaError(Exception):
+    """Base class of every error mullama raises on its own."""
+
+
+class ModelLoadError(MullamaError, ValueError):
+    """A model file could not be loaded: missing, not GGUF, truncated or unsupported."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ContextOverflowError(MullamaError, ValueError):
+    """The prompt does not fit into the context window."""
+
+    def __init__(self, message: str, n_prompt: int, n_ctx: int) -> None:
+        super().__init__(message)
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+
+
+class GenerationError(MullamaError, RuntimeError):
+    """llama.cpp failed while evaluating tokens; ``code`` is llama_decode's status."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamingError(MullamaError, RuntimeError):
+    """A stream ended abnormally (timeout, broken hand-off, superseded generation)."""
+
+
+class TemplateError(MullamaError, ValueError):
+    """A chat template could not be applied."""
+
+
+class DefaultModelMissingError(MullamaError, LookupError):
+    """The default model package is not installed."""
+
+
+class ClosedError(MullamaError, RuntimeError):
+    """A model or context was used after ``close()``."""
+
+
+_DECODE_MESSAGES = {
+    1: "no free KV-cache slot for the batch (the context is full)",
+    2: "evaluation was aborted",
+    -1: "llama.cpp rejected the batch as invalid",
+}
+
+
+def raise_for_decode(code: int, what: str = "decode") -> None:
+    """Raise the exception for a non-zero ``llama_decode`` status."""
+    if code == 0:
+        return
+    detail = _DECODE_MESSAGES.get(code, "fatal error inside llama.cpp")
+    raise GenerationError(f"{what} failed with status {code}: {detail}", code=code)
+
+
+def model_load_error(path: str, detail: str | None) -> ModelLoadError:
+    """The exception for a NULL from ``llama_model_load_from_file``."""
+    msg = f"failed to load model from {path!r}"
+    if detail:
+        msg += f": {detail}"
+    return ModelLoadError(msg, path=path)
+
+
+def context_create_error(detail: str | None) -> MullamaError:
+    """The exception for a NULL from ``llama_init_from_model``."""
+    msg = "failed to create a llama.cpp context"
+    if detail:
+        msg += f": {detail}"
+    return MullamaError(msg)

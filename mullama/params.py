@@ -1,0 +1,156 @@
+"""Sampling parameters and their validation.
+
+Everything is checked in Python before it reaches llama.cpp, where a bad value
+could trip an assertion and kill the process. Messages name the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+__all__ = ["SamplerParams", "check_max_tokens", "normalize_stop"]
+
+_UINT32 = 0xFFFFFFFF
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_BYTES = 1024
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                return int(value)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """How the next token is chosen.
+
+    ``temperature=0`` is greedy decoding (deterministic). With a positive
+    temperature the chain is: logit bias, repetition penalties, top-k,
+    typical-p, top-p, min-p, temperature, then a seeded random draw. ``seed``
+    of None means a fresh random seed for every generation (unless the context
+    has a seed of its own).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = _finite("temperature", self.temperature)
+        if t < 0:
+            raise ValueError(f"temperature must be >= 0, got {t}")
+        k = _integer("top_k", self.top_k)
+        if k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {k}")
+        for name in ("top_p", "min_p", "typical_p"):
+            v = _finite(name, getattr(self, name))
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {v}")
+        rp = _finite("repeat_penalty", self.repeat_penalty)
+        if rp <= 0:
+            raise ValueError(f"repeat_penalty must be > 0 (1.0 disables it), got {rp}")
+        n = _integer("repeat_last_n", self.repeat_last_n)
+        if n < -1:
+            raise ValueError(f"repeat_last_n must be >= -1 (-1 = whole context), got {n}")
+        _finite("frequency_penalty", self.frequency_penalty)
+        _finite("presence_penalty", self.presence_penalty)
+        if self.seed is not None:
+            s = _integer("seed", self.seed)
+            if not 0 <= s < _UINT32:
+                raise ValueError(f"seed must be within [0, {_UINT32 - 1}], got {s}")
+        if not isinstance(self.logit_bias, Mapping):
+            raise TypeError("logit_bias must be a mapping of token id to bias")
+        for tok, bias in self.logit_bias.items():
+            _integer("logit_bias token id", tok)
+            b = float(bias)
+            if math.isnan(b):
+                raise ValueError(f"logit_bias for token {tok} is NaN")
+
+    def replace(self, **changes: Any) -> "SamplerParams":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def native(self, n_vocab: int, seed: int | None) -> tuple:
+        """The tuple the engine takes; checks logit-bias ids against the vocabulary."""
+        biases = []
+        for tok, bias in self.logit_bias.items():
+            tok = int(tok)
+            if not 0 <= tok < n_vocab:
+                raise ValueError(f"logit_bias token id {tok} is outside the vocabulary [0, {n_vocab})")
+            biases.append((tok, float(bias)))
+        chosen = self.seed if self.seed is not None else seed
+        if chosen is None:
+            import secrets
+
+            chosen = secrets.randbelow(_UINT32)
+        return (
+            float(self.temperature), int(self.top_k), float(self.top_p), float(self.min_p),
+            float(self.typical_p), float(self.repeat_penalty), int(self.repeat_last_n),
+            float(self.frequency_penalty), float(self.presence_penalty), int(chosen), tuple(biases),
+        )
+
+
+def check_max_tokens(max_tokens: Any) -> int:
+    """max_tokens must be a non-negative integer; 0 generates nothing."""
+    n = _integer("max_tokens", max_tokens)
+    if n < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {n}")
+    if n > 0x7FFFFFFF:
+        raise ValueError(f"max_tokens is too large: {n}")
+    return n
+
+
+def normalize_stop(stop: Any) -> list[bytes]:
+    """Stop sequences as UTF-8 bytes: None, one string, or an iterable of strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, (str, bytes)):
+        stop = [stop]
+    out: list[bytes] = []
+    for s in stop:
+        if isinstance(s, str):
+            b = s.encode("utf-8")
+        elif isinstance(s, bytes):
+            b = s
+        else:
+            raise TypeError(f"stop sequences must be str, got {type(s).__name__}")
+        if not b:
+            raise ValueError("stop sequences must not be empty strings")
+        if len(b) > MAX_STOP_BYTES:
+            raise ValueError(f"a stop sequence is longer than {MAX_STOP_BYTES} bytes")
+        if b not in out:
+            out.append(b)
+    if len(out) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(out)}")
+    return out
