@@ -1,0 +1,52 @@
+"""mullama: a streaming token engine over llama.cpp.
+
+Sync API::
+
+    from mullama import Model, Context, SamplerParams
+    model = Model.load(path)
+    ctx = Context(model, n_ctx=2048)
+    for piece in ctx.generate_stream("Once upon a time", max_tokens=64):
+        print(piece, end="", flush=True)
+"""
+
+from mullama.context import Context, default_threads
+from mullama.default_model import DEFAULT_MODEL_SHA256, default_model_path
+from mullama.errors import (
+    ClosedError,
+    ContextOverflowError,
+    DefaultModelMissingError,
+    GenerationError,
+    ModelLoadError,
+    ModelNotFoundError,
+    MullamaError,
+    StreamingError,
+    TemplateError,
+)
+from mullama.model import Model
+from mullama.params import SamplerParams
+from mullama.types import GenerationStats, TokenData
+from mullama._generation import TextStream, TokenIterator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "Context",
+    "SamplerParams",
+    "TokenData",
+    "GenerationStats",
+    "TokenIterator",
+    "TextStream",
+    "default_model_path",
+    "default_threads",
+    "DEFAULT_MODEL_SHA256",
+    "MullamaError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ContextOverflowError",
+    "GenerationError",
+    "StreamingError",
+    "TemplateError",
+    "DefaultModelMissingError",
+    "ClosedError",
+]

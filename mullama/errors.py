@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "MullamaError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "ContextOverflowError",
     "GenerationError",
     "StreamingError",
@@ -33,6 +34,10 @@ class ModelLoadError(MullamaError, ValueError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model file does not exist."""
 
 
 class ContextOverflowError(MullamaError, ValueError):

@@ -1,0 +1,252 @@
+"""``Context``: a llama.cpp context (KV cache, batch, sampler) on a Model."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterable
+
+import numpy as np
+
+from mullama import errors
+from mullama._context import ContextHandle
+from mullama._generation import TextStream, TokenIterator
+from mullama.model import Model, as_token_array
+from mullama.params import SamplerParams, check_max_tokens, normalize_stop
+from mullama.types import GenerationStats
+
+__all__ = ["Context", "default_threads"]
+
+_FLASH_ATTN = {"auto": -1, False: 0, "off": 0, "disabled": 0, True: 1, "on": 1, "enabled": 1}
+MAX_TOP_LOGPROBS = 64
+MAX_N_CTX = 1 << 20
+
+Prompt = str | bytes | Iterable[int] | np.ndarray
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (what llama.cpp's tools use on this kind of machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be within [{low}, {high}], got {value}")
+    return value
+
+
+class Context:
+    """A context window on a :class:`Model`: where prompts are evaluated and text generated.
+
+    ``n_ctx`` is the total number of tokens (prompt plus generated) one
+    generation may use; llama.cpp may round its cache up, but mullama keeps to
+    the number given. The context remembers the tokens of its last
+    generation and reuses the longest common prefix of the next prompt
+    (``clear_cache()`` forgets them); results are the same as on a fresh
+    context.
+
+    One generation runs at a time. Calls from several threads are serialised
+    (each decode step holds the context's lock, with the GIL released while
+    llama.cpp works); starting a new generation ends the previous one, whose
+    iterator then raises :class:`StreamingError`.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        flash_attn: bool | str = "auto",
+        seed: int | None = None,
+        n_threads_batch: int | None = None,
+        swa_full: bool = True,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a mullama.Model, got {type(model).__name__}")
+        if model.closed:
+            raise errors.ClosedError("the model is closed")
+        n_ctx = _positive_int("n_ctx", n_ctx, 8, MAX_N_CTX)
+        n_batch = _positive_int("n_batch", n_batch, 1, 1 << 16)
+        n_batch = min(n_batch, n_ctx)
+        threads = default_threads() if n_threads is None else _positive_int("n_threads", n_threads, 1, 1024)
+        threads_batch = threads if n_threads_batch is None else _positive_int(
+            "n_threads_batch", n_threads_batch, 1, 1024)
+        key = flash_attn.lower() if isinstance(flash_attn, str) else flash_attn
+        if key not in _FLASH_ATTN:
+            raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+        if seed is not None:
+            seed = SamplerParams(seed=seed).seed
+        self._model = model
+        self._seed = seed
+        self._lock = threading.RLock()
+        self._generation = 0
+        self._last_stats: GenerationStats | None = None
+        self._handle = ContextHandle(model._handle, n_ctx, n_batch, threads, threads_batch,
+                                     _FLASH_ATTN[key], bool(swa_full))
+        model._register(self)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Free the context. Safe to call twice; waits for a running decode step."""
+        with self._lock:
+            self._generation += 1
+            self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _live_handle(self) -> ContextHandle:
+        if self._handle.closed:
+            raise errors.ClosedError("the context is closed")
+        if self._model.closed:
+            raise errors.ClosedError("the model of this context is closed")
+        return self._handle
+
+    def _begin_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    @property
+    def n_ctx(self) -> int:
+        return self._handle.n_ctx
+
+    @property
+    def n_batch(self) -> int:
+        return self._handle.n_batch
+
+    @property
+    def n_threads(self) -> int:
+        return self._handle.n_threads
+
+    @property
+    def seed(self) -> int | None:
+        return self._seed
+
+    @property
+    def n_decode_calls(self) -> int:
+        """How many times llama_decode ran on this context (a counter for tests and tuning)."""
+        return self._handle.n_decode_calls
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens whose keys and values are in the cache (reusable as a prompt prefix)."""
+        return self._handle.n_past
+
+    @property
+    def last_stats(self) -> GenerationStats | None:
+        """Statistics of the most recently finished generation."""
+        return self._last_stats
+
+    def clear_cache(self) -> None:
+        """Forget every cached token; the next prompt is evaluated from scratch."""
+        with self._lock:
+            self._generation += 1
+            self._live_handle().clear()
+
+    # ------------------------------------------------------------ generation
+
+    def _prompt_ids(self, prompt: Prompt) -> np.ndarray:
+        model = self._model
+        if isinstance(prompt, (str, bytes)):
+            ids = model.tokenize(prompt, add_special=True, parse_special=True)
+            bos = model.bos_token_id
+            # a chat template that writes <bos> itself plus the tokenizer's BOS would double it
+            if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]
+            arr = np.asarray(ids, dtype=np.int32)
+        else:
+            arr = as_token_array(prompt, model.n_vocab, "prompt token ids")
+        if arr.size == 0:
+            raise ValueError("the prompt is empty")
+        if arr.size >= self.n_ctx:
+            raise errors.ContextOverflowError(
+                f"the prompt has {arr.size} tokens but the context holds {self.n_ctx} tokens "
+                f"(prompt and generated tokens together); shorten the prompt or raise n_ctx",
+                n_prompt=int(arr.size), n_ctx=self.n_ctx)
+        return arr
+
+    def stream_tokens(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        params: SamplerParams | None = None,
+        stop: str | Iterable[str] | None = None,
+        *,
+        logprobs: bool = True,
+        top_logprobs: int = 0,
+    ) -> TokenIterator:
+        """Lazy iterator of :class:`TokenData`, one per generated token.
+
+        Each record carries the token id, the text it made printable, the
+        log-probability of the token (``logprobs=True``) and, with
+        ``top_logprobs=k``, the k most likely alternatives. The prompt is
+        checked and tokenized now; decoding starts at the first ``next()``.
+        Raises :class:`ContextOverflowError` if the prompt leaves no room.
+        """
+        if params is None:
+            params = SamplerParams()
+        elif not isinstance(params, SamplerParams):
+            raise TypeError(f"params must be a SamplerParams, got {type(params).__name__}")
+        max_tokens = check_max_tokens(max_tokens)
+        stops = normalize_stop(stop)
+        top = _positive_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        self._live_handle()
+        ids = self._prompt_ids(prompt)
+        sampler = params.native(self._model.n_vocab, self._seed)
+        return TokenIterator(self, ids, max_tokens, sampler, stops, bool(logprobs), top)
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        params: SamplerParams | None = None,
+        stop: str | Iterable[str] | None = None,
+    ) -> TextStream:
+        """Lazy iterator of text pieces as they are generated.
+
+        Each piece is what one decode step made printable: whole UTF-8, never
+        part of a stop sequence. Breaking out of the loop or calling
+        ``close()`` stops decoding at once. After the loop, ``finish_reason``
+        and ``stats`` tell how it ended.
+        """
+        return TextStream(self.stream_tokens(prompt, max_tokens, params, stop, logprobs=False))
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 256,
+        params: SamplerParams | None = None,
+        stop: str | Iterable[str] | None = None,
+    ) -> str:
+        """The whole generated text (the join of :meth:`generate_stream`)."""
+        return "".join(self.generate_stream(prompt, max_tokens, params, stop))
+
+    def logits(self, prompt: Prompt) -> np.ndarray:
+        """Next-token logits after ``prompt`` as a float32 array of ``n_vocab`` values."""
+        ids = self._prompt_ids(prompt)
+        with self._lock:
+            self._generation += 1
+            return self._live_handle().eval_logits(ids)

@@ -1,0 +1,269 @@
+"""``Model``: a loaded GGUF model, its tokenizer and metadata."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mullama import errors
+from mullama._model import ModelHandle
+from mullama.gguf_check import validate_gguf_file
+
+__all__ = ["Model"]
+
+TokenIds = Sequence[int] | np.ndarray
+
+
+def as_token_array(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
+    """int32 array of ``ids``, each checked against ``[0, n_vocab)``."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of integers, not {type(ids).__name__}")
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= n_vocab))
+    if bad.size:
+        i = int(bad[0])
+        raise IndexError(f"{what}: id {int(arr[i])} at position {i} is outside the vocabulary [0, {n_vocab})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def check_model_path(path: str | os.PathLike[str]) -> str:
+    """Reject what llama.cpp should never be handed: missing files, directories, FIFOs."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"model path must be str or os.PathLike, got {type(path).__name__}")
+    if "\x00" in path:
+        raise errors.ModelLoadError(f"model path {path!r} contains a NUL character", path=path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise errors.ModelNotFoundError(f"model file {path!r} does not exist", path=path) from None
+    except OSError as exc:
+        raise errors.ModelLoadError(f"cannot access model file {path!r}: {exc.strerror}", path=path) from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise errors.ModelLoadError(f"model path {path!r} is a directory, not a GGUF file", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.ModelLoadError(f"model path {path!r} is not a regular file", path=path)
+    if not os.access(path, os.R_OK):
+        raise errors.ModelLoadError(f"model file {path!r} is not readable (permission denied)", path=path)
+    return path
+
+
+# Some GGUF conversions omit tokenizer.chat_template; their family's format is well known.
+_ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+class Model:
+    """A GGUF model loaded into memory.
+
+    Create it with :meth:`Model.load`. A model may serve several
+    :class:`~mullama.Context` objects; closing the model closes them too.
+    Tokenizing and reading metadata are thread-safe.
+    """
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+        self._info = handle.info()
+        self._metadata: dict[str, str] | None = None
+        self._contexts: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        n_gpu_layers: int = -1,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        vocab_only: bool = False,
+    ) -> "Model":
+        """Load a GGUF file.
+
+        The file is checked first (it exists, is a regular readable file, and
+        its GGUF header, metadata and tensor table are consistent with its
+        size), so a malformed file raises :class:`ModelLoadError` instead of
+        reaching llama.cpp's parser. ``n_gpu_layers=-1`` offloads every layer
+        when a GPU backend is built in (ignored on a CPU build).
+        Blocks the calling thread while loading; the GIL is released.
+        """
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
+            raise TypeError("n_gpu_layers must be an integer")
+        path = check_model_path(path)
+        validate_gguf_file(path)
+        handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), bool(vocab_only))
+        return cls(handle)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Free the model and every context made from it. Safe to call twice."""
+        for ctx in list(self._contexts):
+            ctx.close()
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.description
+        return f"<mullama.Model {self.path!r} ({state})>"
+
+    def _register(self, ctx: Any) -> None:
+        self._contexts.add(ctx)
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def path(self) -> str:
+        return self._handle.path
+
+    @property
+    def n_vocab(self) -> int:
+        return self._info["n_vocab"]
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._info["n_ctx_train"]
+
+    @property
+    def n_embd(self) -> int:
+        return self._info["n_embd"]
+
+    @property
+    def n_layer(self) -> int:
+        return self._info["n_layer"]
+
+    @property
+    def n_params(self) -> int:
+        return self._info["n_params"]
+
+    @property
+    def size(self) -> int:
+        """Bytes of tensor data."""
+        return self._info["size"]
+
+    @property
+    def description(self) -> str:
+        """llama.cpp's one-line description, e.g. ``gemma3 270M Q4_K - Medium``."""
+        return self._info["desc"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        tok = self._info["bos"]
+        return tok if tok >= 0 else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        tok = self._info["eos"]
+        return tok if tok >= 0 else None
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """GGUF key/value metadata, values rendered as strings."""
+        if self._metadata is None:
+            self._metadata = self._handle.metadata()
+        return dict(self._metadata)
+
+    @property
+    def name(self) -> str:
+        meta = self.metadata
+        return meta.get("general.name") or Path(self.path).stem
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template stored in the file, if any."""
+        return self._handle.chat_template()
+
+    def _builtin_template(self) -> str | None:
+        """A built-in template name for files that carry none, chosen by architecture."""
+        return _ARCH_TEMPLATES.get(self.architecture or "")
+
+    def is_eog(self, token_id: int) -> bool:
+        """True for end-of-generation tokens (EOS, end-of-turn, ...)."""
+        return self._handle.is_eog(int(token_id))
+
+    # ------------------------------------------------------------ text
+
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        ``add_special`` adds the model's BOS token where the model wants one;
+        ``parse_special`` turns special-token text such as ``<start_of_turn>``
+        into the special token instead of tokenizing it as plain text.
+        A ``str`` with lone surrogates raises ``UnicodeEncodeError``.
+        """
+        if isinstance(text, str):
+            data = text.encode("utf-8")
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+        else:
+            raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
+        return self._handle.tokenize(data, bool(add_special), bool(parse_special))
+
+    def detokenize_bytes(self, ids: TokenIds, special: bool = False) -> bytes:
+        """Raw bytes of ``ids``; ``special=True`` renders special tokens as their text."""
+        arr = as_token_array(ids, self.n_vocab)
+        return self._handle.detokenize(arr, False, bool(special))
+
+    def detokenize(self, ids: TokenIds, special: bool = False) -> str:
+        """Text of ``ids``. Bytes that are not valid UTF-8 become U+FFFD."""
+        return self.detokenize_bytes(ids, special).decode("utf-8", "replace")
+
+    def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
+        """Bytes of one token (may be part of a UTF-8 character)."""
+        return self._handle.token_to_piece(int(token_id), bool(special))
+
+    def apply_chat_template(
+        self,
+        messages: Iterable[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+    ) -> str:
+        """Render chat ``messages`` (dicts with ``role`` and ``content``) into a prompt.
+
+        Uses llama.cpp's built-in implementations of the common templates,
+        chosen from the model's stored template (or ``template``); no Jinja code
+        from the model file is executed. Raises :class:`TemplateError` when the
+        template is unknown or missing.
+        """
+        tmpl = template if template is not None else (self.chat_template or self._builtin_template())
+        if not tmpl:
+            raise errors.TemplateError(
+                "the model has no chat template; pass template=... (Jinja source, or the name of a "
+                "llama.cpp built-in template such as 'chatml', 'llama3' or 'gemma')")
+        pairs: list[tuple[bytes, bytes]] = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+                raise TypeError(f"message {i} must be a mapping with 'role' and 'content'")
+            role, content = msg["role"], msg["content"]
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise TypeError(f"message {i}: role and content must be strings")
+            if "\x00" in role or "\x00" in content:
+                raise ValueError(f"message {i} contains a NUL character")
+            pairs.append((role.encode("utf-8"), content.encode("utf-8")))
+        out = self._handle.apply_chat_template(tmpl.encode("utf-8"), pairs, bool(add_generation_prompt))
+        return out.decode("utf-8", "replace")
