@@ -366,11 +366,11 @@ cdef class ContextHandle:
         self._check_open()
         return llama_memory_seq_pos_max(llama_get_memory(self.g.ctx), 0)
 
-    cdef int32_t _reuse_prefix(self, int32_t n_prompt):
-        """Keep the longest cached prefix of the new prompt; drop the rest of the cache."""
+    cdef int32_t _reuse_prefix(self, int32_t n_prompt, bint reuse):
+        """Keep the longest cached prefix of the new prompt (if ``reuse``); drop the rest."""
         cdef int32_t p = 0
         cdef int32_t limit = min(self.g.n_past, n_prompt)
-        while p < limit and self.g.tokens[p] == self.g.prompt[p]:
+        while reuse and p < limit and self.g.tokens[p] == self.g.prompt[p]:
             p += 1
         if p == n_prompt:
             p -= 1          # the last prompt token must be decoded again for its logits
@@ -384,7 +384,7 @@ cdef class ContextHandle:
     # ----------------------------------------------------------- generation
 
     def begin(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
-              bint want_logprob, int n_top):
+              bint want_logprob, int n_top, bint reuse_prefix):
         """Set up a generation; returns the number of prompt tokens reused from the cache.
 
         ``sampler`` is (temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
@@ -425,7 +425,7 @@ cdef class ContextHandle:
         self.g.cancel = 0
         self.g.want_logprob = want_logprob
         self.g.n_top = min(max(n_top, 0), MAX_TOP)
-        self.g.prefill_pos = self._reuse_prefix(n)
+        self.g.prefill_pos = self._reuse_prefix(n, reuse_prefix)
         self._active = True
         return self.g.prefill_pos
 
@@ -583,11 +583,12 @@ cdef class ContextHandle:
 
     # ----------------------------------------------------------- research
 
-    def eval_logits(self, const int[:] prompt not None):
+    def eval_logits(self, const int[:] prompt not None, bint reuse_prefix):
         """Logits (float32, n_vocab) for the token after ``prompt``; uses the prefix cache."""
         cdef int32_t n = prompt.shape[0]
         cdef float * logits
-        self.begin(prompt, 1, (0.0, 0, 1.0, 0.0, 1.0, 1.0, 0, 0.0, 0.0, 0, ()), [], False, 0)
+        self.begin(prompt, 1, (0.0, 0, 1.0, 0.0, 1.0, 1.0, 0, 0.0, 0.0, 0, ()), [], False, 0,
+                   reuse_prefix)
         while not self.prefill():
             pass
         logits = llama_get_logits_ith(self.g.ctx, -1)

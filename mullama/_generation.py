@@ -95,7 +95,7 @@ class TokenIterator(Iterator[TokenData]):
             self._finish("length")
             return
         self._cached = handle.begin(self._prompt, self._max_tokens, self._sampler, self._stops,
-                                    self._logprobs, self._top)
+                                    self._logprobs, self._top, ctx.reuse_prefix)
         try:
             # chunk by chunk, so Ctrl-C and close() from another thread land between chunks
             while not handle.prefill():

@@ -46,15 +46,22 @@ class Context:
 
     ``n_ctx`` is the total number of tokens (prompt plus generated) one
     generation may use; llama.cpp may round its cache up, but mullama keeps to
-    the number given. The context remembers the tokens of its last
-    generation and reuses the longest common prefix of the next prompt
-    (``clear_cache()`` forgets them); results are the same as on a fresh
-    context.
+    the number given.
 
-    One generation runs at a time. Calls from several threads are serialised
-    (each decode step holds the context's lock, with the GIL released while
-    llama.cpp works); starting a new generation ends the previous one, whose
-    iterator then raises :class:`StreamingError`.
+    By default every generation evaluates its prompt from scratch, so a
+    reused context gives bit-for-bit the result of a fresh one. With
+    ``reuse_prefix=True`` the context keeps the tokens of its last generation
+    and evaluates only what follows the longest common prefix of the next
+    prompt: much faster for chat turns, but llama.cpp's CPU kernels round
+    differently for different batch shapes, so logits may differ in the last
+    bits from a fresh evaluation (enough to flip a near-tie in greedy
+    decoding).
+
+    One generation runs at a time. ``generate`` calls from several threads
+    run one after another; each decode step holds the context's lock with the
+    GIL released while llama.cpp works. Starting a new stream while another
+    is unfinished ends the older one, whose iterator then raises
+    :class:`StreamingError` (use one context per concurrent stream).
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class Context:
         seed: int | None = None,
         n_threads_batch: int | None = None,
         swa_full: bool = True,
+        reuse_prefix: bool = False,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a mullama.Model, got {type(model).__name__}")
@@ -85,6 +93,7 @@ class Context:
             seed = SamplerParams(seed=seed).seed
         self._model = model
         self._seed = seed
+        self.reuse_prefix = bool(reuse_prefix)
         self._lock = threading.RLock()
         self._generation = 0
         self._last_stats: GenerationStats | None = None
@@ -241,12 +250,18 @@ class Context:
         params: SamplerParams | None = None,
         stop: str | Iterable[str] | None = None,
     ) -> str:
-        """The whole generated text (the join of :meth:`generate_stream`)."""
-        return "".join(self.generate_stream(prompt, max_tokens, params, stop))
+        """The whole generated text (the join of :meth:`generate_stream`).
+
+        Holds the context for the whole generation, so calls from several
+        threads run one after another.
+        """
+        stream = self.generate_stream(prompt, max_tokens, params, stop)
+        with self._lock:
+            return "".join(stream)
 
     def logits(self, prompt: Prompt) -> np.ndarray:
         """Next-token logits after ``prompt`` as a float32 array of ``n_vocab`` values."""
         ids = self._prompt_ids(prompt)
         with self._lock:
             self._generation += 1
-            return self._live_handle().eval_logits(ids)
+            return self._live_handle().eval_logits(ids, self.reuse_prefix)

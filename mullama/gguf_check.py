@@ -1,25 +1,434 @@
-"""Check a GGUF file's header in Python before llama.cpp parses it."""
+"""Check a GGUF file in Python before llama.cpp parses it.
+
+llama.cpp trusts much of what a GGUF file says: a failed ``GGML_ASSERT`` or an
+uncaught C++ exception in its loader aborts the whole Python process. So
+:func:`validate_gguf_file` walks the header (key/value metadata and tensor
+table) itself and rejects anything inconsistent with a clear
+:class:`~mullama.errors.ModelLoadError`. Only the header is read, never the
+tensor data; every count and length read from the file is checked against the
+bytes that remain before anything is allocated or skipped.
+
+Limits follow the pinned ``ggml/src/gguf.cpp``, ``ggml/src/ggml.c`` (type
+traits), ``src/llama-model.cpp`` (hyper-parameters) and ``src/llama-vocab.cpp``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import struct
+from typing import Any, BinaryIO
 
-from mullama.errors import ModelLoadError
+from mullama.errors import ModelLoadError, ModelNotFoundError
 
 __all__ = ["validate_gguf_file"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 20        # llama.cpp only needs a power of two; real files use 32
+MAX_HEADER_BYTES = 1 << 30     # metadata + tensor table; real headers are a few MiB
+MAX_KEY_BYTES = 65535          # GGUF spec: keys are at most 2^16-1 bytes
+MAX_TENSOR_NAME = 63           # GGML_MAX_NAME (64) including the NUL
+MAX_DIMS = 4                   # GGML_MAX_DIMS
+MAX_LAYERS = 512               # LLAMA_MAX_LAYERS: llama.cpp asserts block_count <= this
+MAX_EXPERTS = 1024             # LLAMA_MAX_EXPERTS
+INT64_MAX = (1 << 63) - 1
+_CHUNK = 1 << 20
+
+# GGUF value types: id -> (name, struct format); string (8) and array (9) are variable-sized.
+_T_STRING, _T_ARRAY = 8, 9
+_SCALARS = {
+    0: ("u8", "<B"), 1: ("i8", "<b"), 2: ("u16", "<H"), 3: ("i16", "<h"),
+    4: ("u32", "<I"), 5: ("i32", "<i"), 6: ("f32", "<f"), 7: ("bool", "<B"),
+    10: ("u64", "<Q"), 11: ("i64", "<q"), 12: ("f64", "<d"),
+}
+_STRUCTS = {t: struct.Struct(fmt) for t, (_, fmt) in _SCALARS.items()}
+_INT_TYPES = frozenset((0, 1, 2, 3, 4, 5, 10, 11))
+_U32, _U64, _I64 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<q")
+
+# ggml tensor types that can appear in a file: id -> (name, block size, bytes per block),
+# from ggml.h and ggml.c's type_traits. Ids 4, 5, 31-33 and 36-38 were removed
+# (block size 0 in ggml, which would divide by zero) and are absent on purpose.
+_GGML_TYPES = {
+    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20),
+    6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36),
+    10: ("q2_K", 256, 84), 11: ("q3_K", 256, 110), 12: ("q4_K", 256, 144),
+    13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210), 15: ("q8_K", 256, 292),
+    16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98),
+    19: ("iq1_s", 256, 50), 20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110),
+    22: ("iq2_s", 256, 82), 23: ("iq4_xs", 256, 136), 24: ("i8", 1, 1), 25: ("i16", 1, 2),
+    26: ("i32", 1, 4), 27: ("i64", 1, 8), 28: ("f64", 1, 8), 29: ("iq1_m", 256, 56),
+    30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54), 35: ("tq2_0", 256, 66),
+    39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36), 41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
+}
+
+_ROPE_SCALING_TYPES = (b"none", b"linear", b"yarn", b"longrope")
+_SPECIAL_ID = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+class _Bad(Exception):
+    """Internal: what is wrong with the file (turned into ModelLoadError)."""
+
+
+class _Array:
+    """An array value: element type and count (elements are not kept)."""
+
+    __slots__ = ("etype", "count")
+
+    def __init__(self, etype: int, count: int) -> None:
+        self.etype, self.count = etype, count
+
+
+class _Reader:
+    """Sequential, buffered reader of the header; never reads past ``size``."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh, self.size = fh, size
+        self.buf, self.off, self.base = b"", 0, 0  # buf[off] is at file offset base + off
+
+    @property
+    def pos(self) -> int:
+        return self.base + self.off
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.remaining:
+            raise _Bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                       f"but only {self.remaining} remain")
+        if self.pos + n > MAX_HEADER_BYTES:
+            raise _Bad(f"header is larger than {MAX_HEADER_BYTES >> 20} MiB ({what} at offset {self.pos})")
+        if self.off + n > len(self.buf):
+            rest = self.buf[self.off:]
+            self.fh.seek(self.pos + len(rest))
+            self.buf = rest + self.fh.read(max(n - len(rest), _CHUNK))
+            self.base, self.off = self.pos, 0
+            if len(self.buf) < n:
+                raise _Bad("file changed size while it was being checked")
+
+    def scalar(self, st: struct.Struct, what: str) -> Any:
+        self.need(st.size, what)
+        (value,) = st.unpack_from(self.buf, self.off)
+        self.off += st.size
+        return value
+
+    def raw(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        data = self.buf[self.off:self.off + n]
+        self.off += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.remaining:
+            raise _Bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                       f"but only {self.remaining} remain")
+        if self.off + n <= len(self.buf):
+            self.off += n
+        else:  # drop the buffer; the next read seeks
+            self.base, self.buf, self.off = self.pos + n, b"", 0
+
+    def string(self, what: str, cap: int | None = None) -> bytes:
+        n = self.scalar(_U64, f"length of {what}")
+        if cap is not None and n > cap:
+            raise _Bad(f"{what} is {n} bytes long (at most {cap} allowed)")
+        return self.raw(n, what)
+
+    def strings(self, count: int, what: str, unique: bool) -> None:
+        """Skip ``count`` strings; with ``unique``, reject repeats (as llama.cpp's vocabulary
+        does, after renaming "" to "[EMPTY_<id>]"). Hot loop: 262k tokens in real models."""
+        seen: set[bytes] = set()
+        unpack, buf, off = _U64.unpack_from, self.buf, self.off
+        end = len(buf)
+        for i in range(count):
+            if off + 8 > end:
+                self.off = off
+                self.need(8, f"length of {what!r}[{i}]")
+                buf, off, end = self.buf, self.off, len(self.buf)
+            n = unpack(buf, off)[0]
+            off += 8
+            if off + n > end:
+                self.off = off
+                self.need(n, f"{what!r}[{i}]")
+                buf, off, end = self.buf, self.off, len(self.buf)
+            if unique:
+                tok = buf[off:off + n] or b"[EMPTY_%d]" % i
+                if tok in seen:
+                    raise _Bad(f"{what} has a duplicate token {tok[:80]!r} (id {i})")
+                seen.add(tok)
+            off += n
+        self.off = off
+
+    def text(self, what: str, cap: int) -> str:
+        data = self.string(what, cap)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"{what} {data[:80]!r} is not valid UTF-8") from None
 
 
 def validate_gguf_file(path: str) -> None:
-    """Raise ModelLoadError unless ``path`` starts like a GGUF file llama.cpp can read."""
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-    if len(head) < 24:
-        raise ModelLoadError(f"{path!r} is too short to be a GGUF file ({len(head)} bytes)", path=path)
-    if head[:4] != GGUF_MAGIC:
-        raise ModelLoadError(f"{path!r} is not a GGUF file (magic {head[:4]!r})", path=path)
-    (version,) = struct.unpack_from("<I", head, 4)
+    """Raise ModelLoadError unless ``path`` is a GGUF file that is safe to hand to llama.cpp.
+
+    Checks the header (magic, version, counts), every metadata key and value,
+    ``general.alignment``, every tensor's name, shape, type and data range, the
+    vocabulary (token/score/type array lengths, duplicate tokens, special-token
+    ids, ``token_embd.weight`` rows) and the hyper-parameters llama.cpp asserts
+    on (block count and the ``blk.N`` tensors, head counts, context length,
+    experts, RoPE scaling type). Reads only the header; blocks while reading it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file {path!r} does not exist", path=path) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ModelLoadError(f"cannot open model file {path!r}: {reason}", path=path) from None
+    # Opened non-blocking so that a FIFO cannot hang us; only regular files are read.
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"model path {path!r} is not a regular file", path=path)
+        try:
+            _check(_Reader(fh, st.st_size))
+        except _Bad as exc:
+            raise ModelLoadError(f"invalid GGUF file {path!r}: {exc}", path=path) from None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model file {path!r}: {exc.strerror or exc}", path=path) from None
+
+
+def _check(r: _Reader) -> None:
+    if r.size < 24:
+        raise _Bad(f"file is only {r.size} bytes, too short for a GGUF header")
+    magic = r.raw(4, "magic")
+    if magic != GGUF_MAGIC:
+        raise _Bad(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = r.scalar(_U32, "version")
     if version not in SUPPORTED_VERSIONS:
-        raise ModelLoadError(f"{path!r} has unsupported GGUF version {version}", path=path)
+        hint = " (big-endian file?)" if version and (version & 0xFFFF) == 0 else ""
+        raise _Bad(f"unsupported GGUF version {version}{hint}; supported: 2, 3")
+    n_tensors = r.scalar(_U64, "tensor count")
+    n_kv = r.scalar(_U64, "metadata count")
+    # Smallest possible entries: a KV is 8 (key length) + 1 + 4 (type) + 1 bytes; a tensor
+    # info is 8 (name length) + 1 + 4 (n_dims) + 8 (one dim) + 4 (type) + 8 (offset).
+    if n_kv * 14 + n_tensors * 33 > r.remaining:
+        raise _Bad(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in "
+                   f"the {r.size}-byte file")
+    kv = _read_metadata(r, n_kv)
+    alignment = _alignment(kv)
+    tensors = _read_tensor_infos(r, n_tensors, alignment)
+    data_start = -(-r.pos // alignment) * alignment if n_tensors else r.pos
+    if data_start > r.size:
+        raise _Bad(f"data section would start at {data_start}, past the end of the {r.size}-byte file")
+    if data_start > MAX_HEADER_BYTES:
+        raise _Bad(f"header is larger than {MAX_HEADER_BYTES >> 20} MiB")
+    _check_tensor_ranges(tensors, data_start, r.size)
+    n_vocab = _check_vocab(kv, tensors)
+    _check_hparams(kv, tensors, n_vocab)
+
+
+def _read_metadata(r: _Reader, n_kv: int) -> dict[str, tuple[int, Any]]:
+    """Every key -> (value type, value); arrays keep only their element type and count."""
+    kv: dict[str, tuple[int, Any]] = {}
+    for i in range(n_kv):
+        key = r.text(f"key of metadata entry {i}", MAX_KEY_BYTES)
+        if not key:
+            raise _Bad(f"metadata entry {i} has an empty key")
+        if key in kv:
+            raise _Bad(f"duplicate metadata key {key!r}")
+        vtype = r.scalar(_U32, f"type of {key!r}")
+        kv[key] = (vtype, _read_value(r, key, vtype))
+    return kv
+
+
+def _read_value(r: _Reader, key: str, vtype: int) -> Any:
+    if vtype in _STRUCTS:
+        return r.scalar(_STRUCTS[vtype], f"value of {key!r}")
+    if vtype == _T_STRING:
+        return r.string(f"value of {key!r}")
+    if vtype != _T_ARRAY:
+        raise _Bad(f"metadata {key!r} has unknown value type {vtype}")
+    etype = r.scalar(_U32, f"element type of {key!r}")
+    count = r.scalar(_U64, f"element count of {key!r}")
+    if etype == _T_ARRAY:  # llama.cpp rejects nested arrays; refusing them also bounds recursion
+        raise _Bad(f"metadata {key!r} is an array of arrays, which llama.cpp does not support")
+    if etype in _STRUCTS:
+        size = _STRUCTS[etype].size
+        if count > r.remaining // size:
+            raise _Bad(f"array {key!r} claims {count} elements of {size} bytes, "
+                       f"more than the {r.remaining} bytes left in the file")
+        r.skip(count * size, f"array {key!r}")
+    elif etype == _T_STRING:
+        if count > r.remaining // 8:  # each string needs at least its 8-byte length
+            raise _Bad(f"array {key!r} claims {count} strings, more than the file can hold")
+        # llama.cpp asserts (aborts) unless token texts are unique.
+        r.strings(count, key, unique=key == "tokenizer.ggml.tokens")
+    else:
+        raise _Bad(f"array {key!r} has unknown element type {etype}")
+    return _Array(etype, count)
+
+
+def _alignment(kv: dict[str, tuple[int, Any]]) -> int:
+    if "general.alignment" not in kv:
+        return DEFAULT_ALIGNMENT
+    vtype, value = kv["general.alignment"]
+    if vtype != 4:  # llama.cpp requires exactly u32
+        raise _Bad(f"general.alignment must be a u32, not {_type_name(vtype)}")
+    if value == 0 or value & (value - 1) or value > MAX_ALIGNMENT:
+        raise _Bad(f"general.alignment {value} is not a power of two up to {MAX_ALIGNMENT}")
+    return value
+
+
+def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> dict[str, tuple[list[int], int, int]]:
+    """Every tensor name -> (shape, data offset, size in bytes)."""
+    tensors: dict[str, tuple[list[int], int, int]] = {}
+    for i in range(n_tensors):
+        name = r.text(f"name of tensor {i}", MAX_TENSOR_NAME)
+        if not name:
+            raise _Bad(f"tensor {i} has an empty name")
+        if name in tensors:
+            raise _Bad(f"duplicate tensor name {name!r}")
+        n_dims = r.scalar(_U32, f"dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _Bad(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        shape = [r.scalar(_I64, f"shape of tensor {name!r}") for _ in range(n_dims)]
+        n_elements = 1
+        for dim in shape:
+            # ggml allows empty tensors, but no model weight is empty and llama.cpp's
+            # shape checks assume every dimension is >= 1.
+            if dim < 1:
+                raise _Bad(f"tensor {name!r} has shape {shape}: dimensions must be >= 1")
+            n_elements *= dim
+        if n_elements > INT64_MAX:
+            raise _Bad(f"tensor {name!r} with shape {shape} has more than 2^63-1 elements")
+        gtype = r.scalar(_U32, f"type of tensor {name!r}")
+        if gtype not in _GGML_TYPES:
+            raise _Bad(f"tensor {name!r} has unknown or removed ggml type {gtype}")
+        type_name, block, type_size = _GGML_TYPES[gtype]
+        if shape[0] % block:
+            raise _Bad(f"tensor {name!r} of type {type_name} has rows of {shape[0]} elements, "
+                       f"not a multiple of its block size {block}")
+        offset = r.scalar(_U64, f"data offset of tensor {name!r}")
+        if offset % alignment:
+            raise _Bad(f"tensor {name!r} has data offset {offset}, not a multiple of the alignment {alignment}")
+        tensors[name] = (shape, offset, n_elements // block * type_size)
+    return tensors
+
+
+def _check_tensor_ranges(tensors: dict[str, tuple[list[int], int, int]], data_start: int, size: int) -> None:
+    # Sorted by offset, each tensor must end inside the file and before the next one starts.
+    prev_end, prev_name = 0, ""
+    for offset, nbytes, name in sorted((off, nb, name) for name, (_, off, nb) in tensors.items()):
+        if data_start + offset + nbytes > size:
+            raise _Bad(f"data of tensor {name!r} (bytes {data_start + offset} to {data_start + offset + nbytes}) "
+                       f"runs past the end of the {size}-byte file")
+        if offset < prev_end:
+            raise _Bad(f"data of tensors {prev_name!r} and {name!r} overlap")
+        prev_end, prev_name = offset + nbytes, name
+
+
+def _check_vocab(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list[int], int, int]]) -> int | None:
+    """Check the vocabulary arrays and special-token ids; return n_vocab (None without tokens)."""
+    n_vocab = None
+    if "tokenizer.ggml.tokens" in kv:
+        n_vocab = _array_len(kv, "tokenizer.ggml.tokens", (_T_STRING,))
+        if n_vocab == 0:
+            raise _Bad("tokenizer.ggml.tokens is empty")
+        for key, etypes in (("tokenizer.ggml.scores", (6, 5)), ("tokenizer.ggml.token_type", (5,))):
+            if key in kv and _array_len(kv, key, etypes) != n_vocab:
+                raise _Bad(f"{key} has {kv[key][1].count} entries but the vocabulary has {n_vocab} tokens")
+    for key in kv:
+        if _SPECIAL_ID.match(key):
+            tok = _uint(kv, key)
+            if tok is None or (n_vocab is not None and tok >= n_vocab):
+                raise _Bad(f"{key} = {kv[key][1]!r} is not a token id in [0, {n_vocab})")
+    embd = tensors.get("token_embd.weight")
+    if n_vocab is not None and embd is not None and (len(embd[0]) < 2 or embd[0][1] != n_vocab):
+        raise _Bad(f"token_embd.weight has shape {embd[0]} but the vocabulary has {n_vocab} tokens")
+    return n_vocab
+
+
+def _check_hparams(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list[int], int, int]],
+                   n_vocab: int | None) -> None:
+    """The hyper-parameters that llama.cpp GGML_ASSERTs on or divides by."""
+    if "general.architecture" not in kv:
+        return  # llama.cpp reports the missing architecture itself
+    vtype, arch = kv["general.architecture"]
+    if vtype != _T_STRING or not arch:
+        raise _Bad("general.architecture must be a non-empty string")
+    a = arch.decode("utf-8", "replace") + "."
+
+    n_layer = _uint(kv, a + "block_count")
+    if n_layer is not None and not 1 <= n_layer <= MAX_LAYERS:
+        raise _Bad(f"{a}block_count is {n_layer} (1 to {MAX_LAYERS} allowed)")
+    layers = {int(m.group(1)) for m in map(_LAYER.match, tensors) if m}
+    if n_layer is not None and tensors:
+        if layers and max(layers) >= n_layer:
+            raise _Bad(f"tensors of layer blk.{max(layers)} exist but {a}block_count is {n_layer}")
+        missing = sorted(set(range(n_layer)) - layers)
+        if missing:
+            raise _Bad(f"{a}block_count is {n_layer} but layer(s) {missing[:8]} have no tensors")
+    nextn = _uint(kv, a + "nextn_predict_layers")
+    if nextn and (n_layer is None or nextn > n_layer):
+        raise _Bad(f"{a}nextn_predict_layers {nextn} exceeds the block count {n_layer}")
+
+    for key in ("context_length", "embedding_length"):
+        if _uint(kv, a + key) == 0:
+            raise _Bad(f"{a}{key} is 0")
+    n_embd, n_head = _uint(kv, a + "embedding_length"), _uint(kv, a + "attention.head_count")
+    # head_count 0 is how recurrent models (Mamba) say "no attention"; with attention tensors it is wrong.
+    if n_head == 0 and any(".attn_q." in n or ".attn_qkv." in n for n in tensors):
+        raise _Bad(f"{a}attention.head_count is 0 but the model has attention tensors")
+    if n_head and _uint(kv, a + "attention.head_count_kv") == 0:
+        raise _Bad(f"{a}attention.head_count_kv is 0")
+    if n_head and n_embd and a + "attention.key_length" not in kv and n_embd % n_head:
+        raise _Bad(f"{a}embedding_length {n_embd} is not divisible by attention.head_count {n_head}")
+
+    # Mirrors llama.cpp's GGML_ASSERTs on the expert (mixture-of-experts) counts.
+    n_expert = _uint(kv, a + "expert_count") or 0
+    n_used = _uint(kv, a + "expert_used_count")
+    groups, groups_used = _uint(kv, a + "expert_group_count") or 0, _uint(kv, a + "expert_group_used_count") or 0
+    if n_expert > MAX_EXPERTS:
+        raise _Bad(f"{a}expert_count {n_expert} exceeds {MAX_EXPERTS}")
+    if n_expert == 0 and (n_used or groups):
+        raise _Bad(f"{a}expert_used_count / expert_group_count set without experts")
+    if n_expert and ((n_used is None and a + "expert_used_count" not in kv) or n_used == 0
+                     or (n_used or 0) > n_expert):
+        raise _Bad(f"{a}expert_used_count must be in [1, {n_expert}]")
+    if n_expert and (groups >= n_expert or groups > 1 and (n_expert % groups or not 0 < groups_used < groups)):
+        raise _Bad(f"{a}expert_group_count {groups} / expert_group_used_count {groups_used} "
+                   f"do not fit {n_expert} experts")
+
+    if a + "rope.scaling.type" in kv:
+        vtype, value = kv[a + "rope.scaling.type"]
+        if vtype != _T_STRING or value not in _ROPE_SCALING_TYPES:
+            raise _Bad(f"{a}rope.scaling.type {value!r} is not one of none, linear, yarn, longrope")
+
+
+def _array_len(kv: dict[str, tuple[int, Any]], key: str, etypes: tuple[int, ...]) -> int:
+    vtype, value = kv[key]
+    if vtype != _T_ARRAY or value.etype not in etypes:
+        raise _Bad(f"{key} must be an array of {' or '.join(_type_name(t) for t in etypes)}")
+    return value.count
+
+
+def _uint(kv: dict[str, tuple[int, Any]], key: str) -> int | None:
+    """Integer scalar ``key``; None when absent or a per-layer array (llama.cpp checks those)."""
+    if key not in kv:
+        return None
+    vtype, value = kv[key]
+    if vtype == _T_ARRAY:
+        return None
+    if vtype not in _INT_TYPES:
+        raise _Bad(f"{key} must be an integer, not {_type_name(vtype)}")
+    if value < 0:
+        raise _Bad(f"{key} is negative ({value})")
+    return value
+
+
+def _type_name(vtype: int) -> str:
+    return {_T_STRING: "string", _T_ARRAY: "array"}.get(vtype) or _SCALARS.get(vtype, (f"type {vtype}",))[0]

@@ -1,0 +1,31 @@
+"""Shared fixtures: the default model, loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+import mullama
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return str(mullama.default_model_path())
+
+
+@pytest.fixture(scope="session")
+def model(model_path: str):
+    m = mullama.Model.load(model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture()
+def ctx(model):
+    c = mullama.Context(model, n_ctx=1024)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def greedy() -> mullama.SamplerParams:
+    return mullama.SamplerParams(temperature=0.0)
