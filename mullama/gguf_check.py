@@ -189,10 +189,11 @@ def validate_gguf_file(path: str) -> None:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ModelLoadError(f"cannot open model file {path!r}: {reason}", path=path) from None
     # Opened non-blocking so that a FIFO cannot hang us; only regular files are read.
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ModelLoadError(f"model path {path!r} is not a regular file", path=path)
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ModelLoadError(f"model path {path!r} is not a regular file", path=path)
         try:
             _check(_Reader(fh, st.st_size))
         except _Bad as exc:
