@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -117,25 +118,14 @@ def build_llama(src: Path) -> Path:
 
 
 def shared_libraries(install_dir: Path) -> list[tuple[str, Path]]:
-    """The llama/ggml shared objects, by the names the dynamic linker looks for."""
-    found: dict[str, Path] = {}
-    for lib in sorted((install_dir / "lib").glob("lib*.so*")):
-        real = lib.resolve()
-        soname = _soname(real) or lib.name
-        found[soname] = real
-    return [(name, found[name]) for name in sorted(found)]
+    """The llama/ggml shared objects under the names the dynamic linker asks for.
 
-
-def _soname(path: Path) -> str | None:
-    try:
-        out = subprocess.run(["objdump", "-p", str(path)], check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == "SONAME":
-            return parts[1]
-    return None
+    CMake installs libX.so.MAJOR.MINOR.PATCH plus the links libX.so.MAJOR (the
+    soname, recorded in the extensions) and libX.so; only the soname is needed.
+    """
+    soname = re.compile(r"^lib[\w.+-]+?\.so\.\d+$")
+    return [(lib.name, lib.resolve()) for lib in sorted((install_dir / "lib").iterdir())
+            if soname.match(lib.name)]
 
 
 class BuildExt(build_ext):
