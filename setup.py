@@ -182,11 +182,12 @@ def extension(name: str, links_llama: bool) -> Extension:
     return ext
 
 
-setup(
-    ext_modules=[
-        extension("_text", links_llama=False),
-        extension("_model", links_llama=True),
-        extension("_context", links_llama=True),
-    ],
-    cmdclass={"build_ext": BuildExt},
-)
+if __name__ == "__main__":
+    setup(
+        ext_modules=[
+            extension("_text", links_llama=False),
+            extension("_model", links_llama=True),
+            extension("_context", links_llama=True),
+        ],
+        cmdclass={"build_ext": BuildExt},
+    )
