@@ -128,6 +128,12 @@ def shared_libraries(install_dir: Path) -> list[tuple[str, Path]]:
             if soname.match(lib.name)]
 
 
+def _replace_file(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
 class BuildExt(build_ext):
     """Build llama.cpp first, then link the extensions against its shared libraries."""
 
@@ -155,6 +161,17 @@ class BuildExt(build_ext):
         super().run()
         self._install_libraries(install_dir)
 
+    def copy_extensions_to_source(self) -> None:
+        # Replace in-place modules atomically: overwriting a loaded .so in place
+        # crashes every process that has it mapped.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            fullname = self.get_ext_fullname(ext.name)
+            filename = self.get_ext_filename(fullname)
+            package = ".".join(fullname.split(".")[:-1])
+            dest = Path(build_py.get_package_dir(package)) / Path(filename).name
+            _replace_file(Path(self.build_lib) / filename, dest)
+
     def _install_libraries(self, install_dir: Path) -> None:
         targets = [Path(self.build_lib) / "mullama" / "lib"]
         if self.inplace:
@@ -165,7 +182,7 @@ class BuildExt(build_ext):
                 dest = target / name
                 if not dest.exists() or dest.stat().st_mtime < real.stat().st_mtime or \
                         dest.stat().st_size != real.stat().st_size:
-                    shutil.copy2(real, dest)
+                    _replace_file(real, dest)
 
 
 def extension(name: str, links_llama: bool) -> Extension:
@@ -186,6 +203,7 @@ if __name__ == "__main__":
     setup(
         ext_modules=[
             extension("_text", links_llama=False),
+            extension("_ring", links_llama=False),
             extension("_model", links_llama=True),
             extension("_context", links_llama=True),
         ],

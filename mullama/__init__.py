@@ -9,6 +9,7 @@ Sync API::
         print(piece, end="", flush=True)
 """
 
+from mullama.async_model import AsyncModel
 from mullama.context import Context, default_threads
 from mullama.default_model import DEFAULT_MODEL_SHA256, default_model_path
 from mullama.errors import (
@@ -24,6 +25,8 @@ from mullama.errors import (
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
+from mullama.stream import TokenStream
+from mullama.stream_config import StreamConfig
 from mullama.types import GenerationStats, TokenData
 from mullama._generation import TextStream, TokenIterator
 
@@ -32,6 +35,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Model",
     "Context",
+    "AsyncModel",
+    "StreamConfig",
+    "TokenStream",
     "SamplerParams",
     "TokenData",
     "GenerationStats",

@@ -20,6 +20,7 @@ import numpy as np
 from mullama._llama cimport *
 from mullama._mll cimport *
 from mullama._model cimport ModelHandle
+from mullama._ring cimport TokenRing
 from mullama import errors
 
 # finish codes shared with the Python layer (mullama/_generation.py)
@@ -84,7 +85,7 @@ cdef struct GenState:
     size_t out_len
 
 
-cdef bint _abort_cb(void * data) noexcept nogil:
+cdef c_bool _abort_cb(void * data) noexcept nogil:
     return (<GenState *> data).cancel != 0
 
 
@@ -229,6 +230,40 @@ cdef int _step(GenState * g) noexcept nogil:
     g.last = tok
     g.pending_decode = True
     return 0
+
+
+cdef int _produce(GenState * g, mll_ring * r) noexcept nogil:
+    """The whole generation on a producer thread: prompt chunks, then one token per
+    free ring slot. Returns 0, or -1 when a decode failed (details in ``g.err``)."""
+    cdef int rc
+    cdef mll_tok_rec * rec
+    while g.prefill_pos < g.n_prompt:
+        if r.cancelled:
+            g.cancel = 1
+        if g.cancel:
+            g.finish = FIN_CANCELLED
+            return 0
+        rc = _prefill_chunk(g)
+        if rc < 0:
+            return -1
+    while True:
+        if mll_ring_wait_slot(r) < 0:
+            g.cancel = 1
+        if g.cancel:
+            g.finish = FIN_CANCELLED
+            return 0
+        if _step(g) < 0:
+            return -1
+        rec = mll_ring_slot(r)
+        rec.token = g.token if g.finish != FIN_CANCELLED else -1
+        rec.finish = g.finish
+        rec.logprob = g.logprob if g.want_logprob else 0.0
+        if mll_ring_set_text(rec, g.out, <unsigned int> g.out_len) < 0:
+            g.err = ERR_NOMEM
+            return -1
+        mll_ring_commit(r)
+        if g.finish != FIN_NONE:
+            return 0
 
 
 cdef class ContextHandle:
@@ -531,6 +566,44 @@ cdef class ContextHandle:
             self._active = False
         return (token, text, self.g.finish,
                 self.g.logprob if self.g.want_logprob else None, top)
+
+    def produce(self, TokenRing ring not None):
+        """Run the current generation to its end on this thread, without the GIL,
+        handing each token to ``ring``. Returns (error_kind, decode_status); (0, 0)
+        when it ended normally or was cancelled. The ring is closed in every case."""
+        cdef int rc = 0
+        cdef int err = ERR_NONE
+        cdef int32_t code = 0
+        try:
+            self._check_active()
+            with nogil:
+                rc = _produce(&self.g, &ring.r)
+            if rc < 0:
+                err, code = self.g.err, self.g.err_code
+                if err == ERR_DECODE and code == 2 and self.g.cancel:
+                    err, code = ERR_NONE, 0      # aborted because we were cancelled
+                    self.g.finish = FIN_CANCELLED
+                llama_memory_seq_rm(llama_get_memory(self.g.ctx), 0, self.g.n_past, -1)
+            self._active = False
+            return (err, code)
+        finally:
+            mll_ring_close(&ring.r, 1 if err != ERR_NONE else 0)
+
+    @staticmethod
+    def error_for(int err, int code):
+        """The exception for a (error_kind, decode_status) pair from ``produce``."""
+        if err == ERR_DECODE:
+            try:
+                errors.raise_for_decode(code)
+            except errors.GenerationError as exc:
+                return exc
+        if err == ERR_NO_LOGITS:
+            return errors.GenerationError("llama.cpp returned no logits for the last token")
+        return MemoryError()
+
+    @property
+    def finish_code(self) -> int:
+        return self.g.finish
 
     def finish_early(self) -> bytes:
         """Stop the current generation now (the consumer went away)."""

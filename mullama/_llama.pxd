@@ -3,8 +3,11 @@
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
 
+cdef extern from "<stdbool.h>":
+    ctypedef bint c_bool "bool"
+
 cdef extern from "ggml.h" nogil:
-    ctypedef bint (*ggml_abort_callback)(void * data) noexcept
+    ctypedef c_bool (*ggml_abort_callback)(void * data) noexcept
     cdef enum ggml_log_level:
         GGML_LOG_LEVEL_NONE
         GGML_LOG_LEVEL_DEBUG

@@ -29,3 +29,32 @@ cdef extern from "mullama/mll_logits.h" nogil:
     int32_t mll_argmax(const float * x, int32_t n)
     double mll_logsumexp(const float * x, int32_t n)
     int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)
+
+cdef extern from "mullama/mll_ring.h" nogil:
+    enum: MLL_REC_INLINE
+    ctypedef struct mll_tok_rec:
+        int32_t token
+        int32_t finish
+        float logprob
+        unsigned int text_len
+        char text[MLL_REC_INLINE]
+        char * heap_text
+    ctypedef struct mll_ring:
+        unsigned int cap
+        int wake_fd
+        int closed
+        int cancelled
+        int32_t error
+        unsigned long long full_waits
+    int mll_ring_init(mll_ring * r, mll_tok_rec * storage, unsigned int cap)
+    void mll_ring_destroy(mll_ring * r)
+    int mll_ring_wait_slot(mll_ring * r)
+    mll_tok_rec * mll_ring_slot(mll_ring * r)
+    int mll_ring_set_text(mll_tok_rec * rec, const char * text, unsigned int n)
+    void mll_ring_commit(mll_ring * r)
+    void mll_ring_close(mll_ring * r, int32_t error)
+    int mll_ring_peek(mll_ring * r, mll_tok_rec ** out, int will_wait)
+    void mll_ring_release(mll_ring * r)
+    void mll_ring_cancel(mll_ring * r)
+    void mll_ring_drain_wake(mll_ring * r)
+    unsigned int mll_ring_size(mll_ring * r)

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import struct
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from mullama.errors import ModelLoadError, ModelNotFoundError
 
@@ -31,6 +31,8 @@ MAX_ALIGNMENT = 1 << 20        # llama.cpp only needs a power of two; real files
 MAX_HEADER_BYTES = 1 << 30     # metadata + tensor table; real headers are a few MiB
 MAX_KEY_BYTES = 65535          # GGUF spec: keys are at most 2^16-1 bytes
 MAX_TENSOR_NAME = 63           # GGML_MAX_NAME (64) including the NUL
+MAX_TOKEN_BYTES = 65535        # real tokens are short; bounds what the duplicate check holds
+MAX_KEPT_STRING = 4096         # longer values (chat templates) are skipped, not read
 MAX_DIMS = 4                   # GGML_MAX_DIMS
 MAX_LAYERS = 512               # LLAMA_MAX_LAYERS: llama.cpp asserts block_count <= this
 MAX_EXPERTS = 1024             # LLAMA_MAX_EXPERTS
@@ -39,29 +41,27 @@ _CHUNK = 1 << 20
 
 # GGUF value types: id -> (name, struct format); string (8) and array (9) are variable-sized.
 _T_STRING, _T_ARRAY = 8, 9
-_SCALARS = {
-    0: ("u8", "<B"), 1: ("i8", "<b"), 2: ("u16", "<H"), 3: ("i16", "<h"),
-    4: ("u32", "<I"), 5: ("i32", "<i"), 6: ("f32", "<f"), 7: ("bool", "<B"),
-    10: ("u64", "<Q"), 11: ("i64", "<q"), 12: ("f64", "<d"),
-}
+_SCALARS = {0: ("u8", "<B"), 1: ("i8", "<b"), 2: ("u16", "<H"), 3: ("i16", "<h"), 4: ("u32", "<I"),
+            5: ("i32", "<i"), 6: ("f32", "<f"), 7: ("bool", "<B"), 10: ("u64", "<Q"), 11: ("i64", "<q"),
+            12: ("f64", "<d")}
 _STRUCTS = {t: struct.Struct(fmt) for t, (_, fmt) in _SCALARS.items()}
+_TYPE_NAMES = {**{t: name for t, (name, _) in _SCALARS.items()}, _T_STRING: "string", _T_ARRAY: "array"}
 _INT_TYPES = frozenset((0, 1, 2, 3, 4, 5, 10, 11))
-_U32, _U64, _I64 = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<q")
+_U32, _U64, _I64, _MAGIC = (struct.Struct(f) for f in ("<I", "<Q", "<q", "4s"))
 
 # ggml tensor types that can appear in a file: id -> (name, block size, bytes per block),
 # from ggml.h and ggml.c's type_traits. Ids 4, 5, 31-33 and 36-38 were removed
 # (block size 0 in ggml, which would divide by zero) and are absent on purpose.
 _GGML_TYPES = {
-    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20),
-    6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36),
-    10: ("q2_K", 256, 84), 11: ("q3_K", 256, 110), 12: ("q4_K", 256, 144),
-    13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210), 15: ("q8_K", 256, 292),
-    16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98),
-    19: ("iq1_s", 256, 50), 20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110),
-    22: ("iq2_s", 256, 82), 23: ("iq4_xs", 256, 136), 24: ("i8", 1, 1), 25: ("i16", 1, 2),
-    26: ("i32", 1, 4), 27: ("i64", 1, 8), 28: ("f64", 1, 8), 29: ("iq1_m", 256, 56),
-    30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54), 35: ("tq2_0", 256, 66),
-    39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36), 41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
+    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20), 6: ("q5_0", 32, 22),
+    7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36), 10: ("q2_K", 256, 84),
+    11: ("q3_K", 256, 110), 12: ("q4_K", 256, 144), 13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210),
+    15: ("q8_K", 256, 292), 16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98),
+    19: ("iq1_s", 256, 50), 20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110), 22: ("iq2_s", 256, 82),
+    23: ("iq4_xs", 256, 136), 24: ("i8", 1, 1), 25: ("i16", 1, 2), 26: ("i32", 1, 4), 27: ("i64", 1, 8),
+    28: ("f64", 1, 8), 29: ("iq1_m", 256, 56), 30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54),
+    35: ("tq2_0", 256, 66), 39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36), 41: ("q1_0", 128, 18),
+    42: ("q2_0", 64, 18),
 }
 
 _ROPE_SCALING_TYPES = (b"none", b"linear", b"yarn", b"longrope")
@@ -69,17 +69,16 @@ _SPECIAL_ID = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
+# Parsed header: key -> (value type, value); tensor name -> (shape, data offset, size in bytes).
+_KV = dict[str, tuple[int, Any]]
+_Tensors = dict[str, tuple[list[int], int, int]]
+
+
 class _Bad(Exception):
     """Internal: what is wrong with the file (turned into ModelLoadError)."""
 
 
-class _Array:
-    """An array value: element type and count (elements are not kept)."""
-
-    __slots__ = ("etype", "count")
-
-    def __init__(self, etype: int, count: int) -> None:
-        self.etype, self.count = etype, count
+_Array = NamedTuple("_Array", [("etype", int), ("count", int)])  # elements are not kept
 
 
 class _Reader:
@@ -90,26 +89,33 @@ class _Reader:
         self.buf, self.off, self.base = b"", 0, 0  # buf[off] is at file offset base + off
 
     @property
-    def pos(self) -> int:
+    def pos(self) -> int:  # file offset of the next byte
         return self.base + self.off
 
-    @property
-    def remaining(self) -> int:
-        return self.size - self.pos
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.remaining:
-            raise _Bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                       f"but only {self.remaining} remain")
+    def _fits(self, n: int, what: str) -> None:
+        left = self.size - self.pos
+        if n > left:
+            raise _Bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, but only {left} remain")
         if self.pos + n > MAX_HEADER_BYTES:
             raise _Bad(f"header is larger than {MAX_HEADER_BYTES >> 20} MiB ({what} at offset {self.pos})")
+
+    def need(self, n: int, what: str) -> None:
+        """Make ``n`` bytes available at ``buf[off:]``."""
+        self._fits(n, what)
         if self.off + n > len(self.buf):
             rest = self.buf[self.off:]
             self.fh.seek(self.pos + len(rest))
             self.buf = rest + self.fh.read(max(n - len(rest), _CHUNK))
             self.base, self.off = self.pos, 0
             if len(self.buf) < n:
-                raise _Bad("file changed size while it was being checked")
+                raise _Bad("the file changed size while it was being checked")
+
+    def skip(self, n: int, what: str) -> None:
+        self._fits(n, what)
+        if self.off + n <= len(self.buf):
+            self.off += n
+        else:  # drop the buffer; the next read seeks
+            self.base, self.buf, self.off = self.pos + n, b"", 0
 
     def scalar(self, st: struct.Struct, what: str) -> Any:
         self.need(st.size, what)
@@ -117,69 +123,66 @@ class _Reader:
         self.off += st.size
         return value
 
-    def raw(self, n: int, what: str) -> bytes:
-        self.need(n, what)
-        data = self.buf[self.off:self.off + n]
-        self.off += n
-        return data
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.remaining:
-            raise _Bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                       f"but only {self.remaining} remain")
-        if self.off + n <= len(self.buf):
-            self.off += n
-        else:  # drop the buffer; the next read seeks
-            self.base, self.buf, self.off = self.pos + n, b"", 0
-
-    def string(self, what: str, cap: int | None = None) -> bytes:
+    def string(self, what: str, cap: int) -> bytes | None:
+        """A string of at most ``cap`` bytes; longer ones are skipped (None) without being read."""
         n = self.scalar(_U64, f"length of {what}")
-        if cap is not None and n > cap:
-            raise _Bad(f"{what} is {n} bytes long (at most {cap} allowed)")
-        return self.raw(n, what)
+        if n > cap:
+            self.skip(n, what)
+            return None
+        self.need(n, what)
+        self.off += n
+        return self.buf[self.off - n:self.off]
+
+    def text(self, what: str, cap: int) -> str:
+        data = self.string(what, cap)
+        if data is None:
+            raise _Bad(f"{what} is longer than {cap} bytes")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"{what} {data[:80]!r} is not valid UTF-8") from None
 
     def strings(self, count: int, what: str, unique: bool) -> None:
-        """Skip ``count`` strings; with ``unique``, reject repeats (as llama.cpp's vocabulary
-        does, after renaming "" to "[EMPTY_<id>]"). Hot loop: 262k tokens in real models."""
+        """Skip ``count`` strings; with ``unique``, reject repeats as llama.cpp's vocabulary
+        does (after it renames "" to "[EMPTY_<id>]"). Hot loop: 262k tokens in real models."""
         seen: set[bytes] = set()
         unpack, buf, off = _U64.unpack_from, self.buf, self.off
         end = len(buf)
         for i in range(count):
             if off + 8 > end:
                 self.off = off
-                self.need(8, f"length of {what!r}[{i}]")
+                self.need(8, f"length of {what}[{i}]")
                 buf, off, end = self.buf, self.off, len(self.buf)
             n = unpack(buf, off)[0]
             off += 8
+            if not unique:
+                if off + n <= end:
+                    off += n
+                else:  # a long string past the buffer: skip it without reading it
+                    self.off = off
+                    self.skip(n, f"{what}[{i}]")
+                    buf, off, end = self.buf, self.off, len(self.buf)
+                continue
+            if n > MAX_TOKEN_BYTES:
+                raise _Bad(f"{what}[{i}] is {n} bytes long (at most {MAX_TOKEN_BYTES} allowed)")
             if off + n > end:
                 self.off = off
-                self.need(n, f"{what!r}[{i}]")
+                self.need(n, f"{what}[{i}]")
                 buf, off, end = self.buf, self.off, len(self.buf)
-            if unique:
-                tok = buf[off:off + n] or b"[EMPTY_%d]" % i
-                if tok in seen:
-                    raise _Bad(f"{what} has a duplicate token {tok[:80]!r} (id {i})")
-                seen.add(tok)
+            tok = buf[off:off + n] or b"[EMPTY_%d]" % i
+            if tok in seen:
+                raise _Bad(f"{what} has a duplicate token {tok[:80]!r} (id {i})")
+            seen.add(tok)
             off += n
         self.off = off
-
-    def text(self, what: str, cap: int) -> str:
-        data = self.string(what, cap)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Bad(f"{what} {data[:80]!r} is not valid UTF-8") from None
 
 
 def validate_gguf_file(path: str) -> None:
     """Raise ModelLoadError unless ``path`` is a GGUF file that is safe to hand to llama.cpp.
 
-    Checks the header (magic, version, counts), every metadata key and value,
-    ``general.alignment``, every tensor's name, shape, type and data range, the
-    vocabulary (token/score/type array lengths, duplicate tokens, special-token
-    ids, ``token_embd.weight`` rows) and the hyper-parameters llama.cpp asserts
-    on (block count and the ``blk.N`` tensors, head counts, context length,
-    experts, RoPE scaling type). Reads only the header; blocks while reading it.
+    Checks the header, every metadata entry, the tensor table (shapes, types, data
+    ranges), the vocabulary and the hyper-parameters llama.cpp asserts on. Reads
+    only the header (a few MiB at most), blocking the calling thread meanwhile.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -205,7 +208,7 @@ def validate_gguf_file(path: str) -> None:
 def _check(r: _Reader) -> None:
     if r.size < 24:
         raise _Bad(f"file is only {r.size} bytes, too short for a GGUF header")
-    magic = r.raw(4, "magic")
+    magic = r.scalar(_MAGIC, "magic")
     if magic != GGUF_MAGIC:
         raise _Bad(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     version = r.scalar(_U32, "version")
@@ -216,7 +219,7 @@ def _check(r: _Reader) -> None:
     n_kv = r.scalar(_U64, "metadata count")
     # Smallest possible entries: a KV is 8 (key length) + 1 + 4 (type) + 1 bytes; a tensor
     # info is 8 (name length) + 1 + 4 (n_dims) + 8 (one dim) + 4 (type) + 8 (offset).
-    if n_kv * 14 + n_tensors * 33 > r.remaining:
+    if n_kv * 14 + n_tensors * 33 > r.size - r.pos:
         raise _Bad(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in "
                    f"the {r.size}-byte file")
     kv = _read_metadata(r, n_kv)
@@ -228,13 +231,12 @@ def _check(r: _Reader) -> None:
     if data_start > MAX_HEADER_BYTES:
         raise _Bad(f"header is larger than {MAX_HEADER_BYTES >> 20} MiB")
     _check_tensor_ranges(tensors, data_start, r.size)
-    n_vocab = _check_vocab(kv, tensors)
-    _check_hparams(kv, tensors, n_vocab)
+    _check_vocab(kv, tensors)
+    _check_hparams(kv, tensors)
 
 
-def _read_metadata(r: _Reader, n_kv: int) -> dict[str, tuple[int, Any]]:
-    """Every key -> (value type, value); arrays keep only their element type and count."""
-    kv: dict[str, tuple[int, Any]] = {}
+def _read_metadata(r: _Reader, n_kv: int) -> _KV:
+    kv: _KV = {}
     for i in range(n_kv):
         key = r.text(f"key of metadata entry {i}", MAX_KEY_BYTES)
         if not key:
@@ -250,21 +252,22 @@ def _read_value(r: _Reader, key: str, vtype: int) -> Any:
     if vtype in _STRUCTS:
         return r.scalar(_STRUCTS[vtype], f"value of {key!r}")
     if vtype == _T_STRING:
-        return r.string(f"value of {key!r}")
+        return r.string(f"value of {key!r}", MAX_KEPT_STRING)
     if vtype != _T_ARRAY:
         raise _Bad(f"metadata {key!r} has unknown value type {vtype}")
     etype = r.scalar(_U32, f"element type of {key!r}")
     count = r.scalar(_U64, f"element count of {key!r}")
     if etype == _T_ARRAY:  # llama.cpp rejects nested arrays; refusing them also bounds recursion
         raise _Bad(f"metadata {key!r} is an array of arrays, which llama.cpp does not support")
+    left = r.size - r.pos
     if etype in _STRUCTS:
         size = _STRUCTS[etype].size
-        if count > r.remaining // size:
+        if count > left // size:
             raise _Bad(f"array {key!r} claims {count} elements of {size} bytes, "
-                       f"more than the {r.remaining} bytes left in the file")
+                       f"more than the {left} bytes left in the file")
         r.skip(count * size, f"array {key!r}")
     elif etype == _T_STRING:
-        if count > r.remaining // 8:  # each string needs at least its 8-byte length
+        if count > left // 8:  # each string needs at least its 8-byte length
             raise _Bad(f"array {key!r} claims {count} strings, more than the file can hold")
         # llama.cpp asserts (aborts) unless token texts are unique.
         r.strings(count, key, unique=key == "tokenizer.ggml.tokens")
@@ -273,20 +276,19 @@ def _read_value(r: _Reader, key: str, vtype: int) -> Any:
     return _Array(etype, count)
 
 
-def _alignment(kv: dict[str, tuple[int, Any]]) -> int:
+def _alignment(kv: _KV) -> int:
     if "general.alignment" not in kv:
         return DEFAULT_ALIGNMENT
     vtype, value = kv["general.alignment"]
     if vtype != 4:  # llama.cpp requires exactly u32
-        raise _Bad(f"general.alignment must be a u32, not {_type_name(vtype)}")
+        raise _Bad(f"general.alignment must be a u32, not {_TYPE_NAMES[vtype]}")
     if value == 0 or value & (value - 1) or value > MAX_ALIGNMENT:
         raise _Bad(f"general.alignment {value} is not a power of two up to {MAX_ALIGNMENT}")
     return value
 
 
-def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> dict[str, tuple[list[int], int, int]]:
-    """Every tensor name -> (shape, data offset, size in bytes)."""
-    tensors: dict[str, tuple[list[int], int, int]] = {}
+def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> _Tensors:
+    tensors: _Tensors = {}
     for i in range(n_tensors):
         name = r.text(f"name of tensor {i}", MAX_TENSOR_NAME)
         if not name:
@@ -320,7 +322,7 @@ def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> dict[str, 
     return tensors
 
 
-def _check_tensor_ranges(tensors: dict[str, tuple[list[int], int, int]], data_start: int, size: int) -> None:
+def _check_tensor_ranges(tensors: _Tensors, data_start: int, size: int) -> None:
     # Sorted by offset, each tensor must end inside the file and before the next one starts.
     prev_end, prev_name = 0, ""
     for offset, nbytes, name in sorted((off, nb, name) for name, (_, off, nb) in tensors.items()):
@@ -332,8 +334,8 @@ def _check_tensor_ranges(tensors: dict[str, tuple[list[int], int, int]], data_st
         prev_end, prev_name = offset + nbytes, name
 
 
-def _check_vocab(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list[int], int, int]]) -> int | None:
-    """Check the vocabulary arrays and special-token ids; return n_vocab (None without tokens)."""
+def _check_vocab(kv: _KV, tensors: _Tensors) -> None:
+    """The vocabulary arrays, special-token ids and the embedding matrix agree on n_vocab."""
     n_vocab = None
     if "tokenizer.ggml.tokens" in kv:
         n_vocab = _array_len(kv, "tokenizer.ggml.tokens", (_T_STRING,))
@@ -350,17 +352,15 @@ def _check_vocab(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list[i
     embd = tensors.get("token_embd.weight")
     if n_vocab is not None and embd is not None and (len(embd[0]) < 2 or embd[0][1] != n_vocab):
         raise _Bad(f"token_embd.weight has shape {embd[0]} but the vocabulary has {n_vocab} tokens")
-    return n_vocab
 
 
-def _check_hparams(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list[int], int, int]],
-                   n_vocab: int | None) -> None:
+def _check_hparams(kv: _KV, tensors: _Tensors) -> None:
     """The hyper-parameters that llama.cpp GGML_ASSERTs on or divides by."""
     if "general.architecture" not in kv:
         return  # llama.cpp reports the missing architecture itself
     vtype, arch = kv["general.architecture"]
     if vtype != _T_STRING or not arch:
-        raise _Bad("general.architecture must be a non-empty string")
+        raise _Bad("general.architecture must be a short non-empty string")
     a = arch.decode("utf-8", "replace") + "."
 
     n_layer = _uint(kv, a + "block_count")
@@ -390,8 +390,7 @@ def _check_hparams(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list
         raise _Bad(f"{a}embedding_length {n_embd} is not divisible by attention.head_count {n_head}")
 
     # Mirrors llama.cpp's GGML_ASSERTs on the expert (mixture-of-experts) counts.
-    n_expert = _uint(kv, a + "expert_count") or 0
-    n_used = _uint(kv, a + "expert_used_count")
+    n_expert, n_used = _uint(kv, a + "expert_count") or 0, _uint(kv, a + "expert_used_count")
     groups, groups_used = _uint(kv, a + "expert_group_count") or 0, _uint(kv, a + "expert_group_used_count") or 0
     if n_expert > MAX_EXPERTS:
         raise _Bad(f"{a}expert_count {n_expert} exceeds {MAX_EXPERTS}")
@@ -404,20 +403,19 @@ def _check_hparams(kv: dict[str, tuple[int, Any]], tensors: dict[str, tuple[list
         raise _Bad(f"{a}expert_group_count {groups} / expert_group_used_count {groups_used} "
                    f"do not fit {n_expert} experts")
 
-    if a + "rope.scaling.type" in kv:
-        vtype, value = kv[a + "rope.scaling.type"]
-        if vtype != _T_STRING or value not in _ROPE_SCALING_TYPES:
-            raise _Bad(f"{a}rope.scaling.type {value!r} is not one of none, linear, yarn, longrope")
+    scaling = kv.get(a + "rope.scaling.type", (_T_STRING, b"linear"))[1]
+    if scaling not in _ROPE_SCALING_TYPES:  # also rejects non-strings
+        raise _Bad(f"{a}rope.scaling.type {scaling!r} is not one of none, linear, yarn, longrope")
 
 
-def _array_len(kv: dict[str, tuple[int, Any]], key: str, etypes: tuple[int, ...]) -> int:
+def _array_len(kv: _KV, key: str, etypes: tuple[int, ...]) -> int:
     vtype, value = kv[key]
     if vtype != _T_ARRAY or value.etype not in etypes:
-        raise _Bad(f"{key} must be an array of {' or '.join(_type_name(t) for t in etypes)}")
+        raise _Bad(f"{key} must be an array of {' or '.join(_TYPE_NAMES[t] for t in etypes)}")
     return value.count
 
 
-def _uint(kv: dict[str, tuple[int, Any]], key: str) -> int | None:
+def _uint(kv: _KV, key: str) -> int | None:
     """Integer scalar ``key``; None when absent or a per-layer array (llama.cpp checks those)."""
     if key not in kv:
         return None
@@ -425,11 +423,7 @@ def _uint(kv: dict[str, tuple[int, Any]], key: str) -> int | None:
     if vtype == _T_ARRAY:
         return None
     if vtype not in _INT_TYPES:
-        raise _Bad(f"{key} must be an integer, not {_type_name(vtype)}")
+        raise _Bad(f"{key} must be an integer, not {_TYPE_NAMES[vtype]}")
     if value < 0:
         raise _Bad(f"{key} is negative ({value})")
     return value
-
-
-def _type_name(vtype: int) -> str:
-    return {_T_STRING: "string", _T_ARRAY: "array"}.get(vtype) or _SCALARS.get(vtype, (f"type {vtype}",))[0]

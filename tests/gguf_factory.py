@@ -33,7 +33,7 @@ N_LAYER = 2
 _REMOVE = object()
 
 
-def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+def vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """<unk>, <s>, </s>, 256 byte tokens, then plain pieces: an SPM vocabulary llama.cpp can use."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
@@ -68,7 +68,7 @@ def tiny_model_bytes(
     ``extra_tensors`` are added after the others.
     """
     logging.getLogger("gguf").setLevel(logging.ERROR)  # quiet "duplicated key" notices
-    d_tokens, d_scores, d_types = _vocab(N_VOCAB)
+    d_tokens, d_scores, d_types = vocab(N_VOCAB)
     tokens = d_tokens if tokens is None else tokens
     scores = d_scores if scores is None else scores
     token_types = d_types if token_types is None else token_types
@@ -130,8 +130,8 @@ def tiny_model_bytes(
         for key, (value, vtype) in meta.items():
             writer.add_key_value(key, value, vtype)
         align = meta.get("general.alignment", (0, None))
-        if align[1] == VT.UINT32 and align[0] > 0 and align[0] & (align[0] - 1) == 0:
-            writer.data_alignment = align[0]  # lay the data out as the key says
+        if align[1] == VT.UINT32 and 0 < align[0] <= 4096 and align[0] & (align[0] - 1) == 0:
+            writer.data_alignment = align[0]  # lay the data out as the key says (absurd values: not)
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()

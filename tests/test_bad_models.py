@@ -54,8 +54,8 @@ def tensor(i: int) -> gf.TensorInfo:
 
 
 def at(offset: int, fmt: str, value: object) -> Callable[[], bytes]:
-    """Builder: the valid tiny model with one field overwritten."""
-    return lambda: gf.patch(tiny(), offset() if callable(offset) else offset, fmt, value)
+    """Builder: the valid tiny model with the header field at ``offset`` overwritten."""
+    return lambda: gf.patch(tiny(), offset, fmt, value)
 
 
 def model(**options: object) -> Callable[[], bytes]:
@@ -68,14 +68,15 @@ def rename_key(old: bytes, new: bytes) -> Callable[[], bytes]:
     return lambda: tiny().replace(old, new, 1)
 
 
-def with_tokens(change: Callable[[list[str]], None]) -> Callable[[], bytes]:
-    tokens, _, _ = gf._vocab(gf.N_VOCAB)
-    change(tokens)
-    return model(tokens=tokens)
+def duplicate_token() -> bytes:
+    tokens = gf.vocab(gf.N_VOCAB)[0]
+    tokens[-1] = tokens[-2]  # llama.cpp itself would GGML_ASSERT on this
+    return gf.tiny_model_bytes(tokens=tokens)
 
 
-def _set_last(tokens: list[str]) -> None:
-    tokens[-1] = tokens[-2]
+def merge_length_past_eof() -> bytes:
+    data = gf.tiny_model_bytes(kv={"tokenizer.ggml.merges": (["a b", "c d"], VT.ARRAY)})
+    return gf.patch(data, gf.layout(data).kv["tokenizer.ggml.merges"].value_off + 12, "<Q", 2**40)
 
 
 # id -> (builder of the file's bytes, a fragment the error message must contain)
@@ -99,16 +100,17 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
                           "key of metadata entry 1"),
     "key-empty": (lambda: gf.patch(tiny(), kv("general.name").key_off, "<Q", 0), "empty key"),
     "key-not-utf8": (lambda: gf.patch(tiny(), kv("general.name").key_off + 8, "<B", 0xFF), "not valid UTF-8"),
-    "string-length-past-eof": (lambda: gf.patch(tiny(), kv("general.name").value_off, "<Q", 2**40),
-                               "truncated"),
+    "string-length-past-eof": (lambda: gf.patch(tiny(), kv("general.name").value_off, "<Q", len(tiny())),
+                               "truncated: value of 'general.name'"),
     "string-length-2^64-1": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.model").value_off, "<Q", 2**64 - 1),
                              "truncated"),
     "array-count-2^62": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.tokens").value_off + 4, "<Q", 2**62),
                          "claims"),
     "float-array-count-2^62": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.scores").value_off + 4, "<Q", 2**62),
                                "claims"),
-    "token-length-past-eof": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.tokens").value_off + 12, "<Q", 2**40),
-                              "truncated"),
+    "token-length-2^40": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.tokens").value_off + 12, "<Q", 2**40),
+                          "tokenizer.ggml.tokens[0] is 1099511627776 bytes long"),
+    "merge-length-past-eof": (merge_length_past_eof, "truncated: tokenizer.ggml.merges[0]"),
     "nested-array": (lambda: gf.patch(tiny(), kv("tokenizer.ggml.tokens").value_off, "<I", 9), "array of arrays"),
     "unknown-value-type": (lambda: gf.patch(tiny(), kv("general.name").type_off, "<I", 13), "unknown value type 13"),
     "unknown-value-type-2^32-1": (lambda: gf.patch(tiny(), kv("llama.block_count").type_off, "<I", 2**32 - 1),
@@ -141,7 +143,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "misaligned-offset": (lambda: gf.patch(tiny(), tensor(2).offset_off, "<Q", tensor(2).offset + 4),
                           "not a multiple of the alignment"),
     "duplicate-tensor-name": (rename_key(b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight"), "duplicate tensor name"),
-    "tensor-name-too-long": (model(extra_tensors={"x" * 70: np.zeros(32, np.float32)}), "at most 63"),
+    "tensor-name-too-long": (model(extra_tensors={"x" * 70: np.zeros(32, np.float32)}), "longer than 63 bytes"),
     # vocabulary
     "bos-negative": (model(kv={"tokenizer.ggml.bos_token_id": (-1, VT.INT32)}), "bos_token_id is negative"),
     "bos-n_vocab": (model(kv={"tokenizer.ggml.bos_token_id": (gf.N_VOCAB, VT.UINT32)}), "bos_token_id = 300"),
@@ -156,7 +158,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "token-type-float": (model(token_types=[1.0] * gf.N_VOCAB), "token_type must be an array of i32"),
     "tokens-not-strings": (model(kv={"tokenizer.ggml.tokens": ([1, 2, 3], VT.ARRAY)}),
                            "tokens must be an array of string"),
-    "duplicate-token": (with_tokens(_set_last), "duplicate token"),
+    "duplicate-token": (duplicate_token, "duplicate token"),
     "token-embd-rows": (model(embd_rows=gf.N_VOCAB - 1), "token_embd.weight has shape [64, 299]"),
     # hyper-parameters
     "block-count-0": (model(kv={"llama.block_count": (0, VT.UINT32)}), "block_count is 0"),
@@ -373,8 +375,9 @@ def test_validator_accepts_the_tiny_model(tmp_path: Path) -> None:
 
 
 def test_validator_accepts_variants_llama_cpp_allows(tmp_path: Path) -> None:
-    # Legal but unusual: explicit alignment, i32 scores, no scores / token types, a
-    # recurrent-style head_count of 0 without attention tensors is covered by the code path.
+    # Legal but unusual: a 64-byte alignment, i32 scores, no scores or token types, an
+    # explicit key_length (so head_count need not divide embedding_length), yarn scaling,
+    # a long merges array and a 140 KB chat template (skipped, not read).
     for i, data in enumerate([
         gf.tiny_model_bytes(kv={"general.alignment": (64, VT.UINT32)}),
         gf.tiny_model_bytes(kv={"tokenizer.ggml.scores": ([0] * gf.N_VOCAB, VT.ARRAY)}),
@@ -382,6 +385,8 @@ def test_validator_accepts_variants_llama_cpp_allows(tmp_path: Path) -> None:
         gf.tiny_model_bytes(kv={"llama.attention.key_length": (16, VT.UINT32),
                                 "llama.attention.head_count": (5, VT.UINT32)}),
         gf.tiny_model_bytes(kv={"llama.rope.scaling.type": ("yarn", VT.STRING)}),
+        gf.tiny_model_bytes(kv={"tokenizer.ggml.merges": (["a b", "c d"] * 5000, VT.ARRAY),
+                                "tokenizer.chat_template": ("{{ x }}" * 20000, VT.STRING)}),
     ]):
         path = tmp_path / f"variant-{i}.gguf"
         path.write_bytes(data)

@@ -1,0 +1,7 @@
+from mullama._mll cimport mll_ring, mll_tok_rec
+
+
+cdef class TokenRing:
+    cdef mll_ring r
+    cdef mll_tok_rec * storage
+    cdef bint ready

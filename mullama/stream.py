@@ -1,0 +1,244 @@
+"""``TokenStream``: an async stream of generated tokens (trio and asyncio, via anyio).
+
+A native producer thread runs the decode loop without the GIL and hands each
+token to a bounded ring (``_ring.TokenRing``); the event loop sleeps on the
+ring's eventfd and only wakes to take tokens out, so decoding never blocks
+it. When ``buffer_size`` tokens wait unread the producer pauses: no decoding
+happens until the consumer reads again.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from mullama._ring import CLOSED, EMPTY, TokenRing
+from mullama.errors import StreamingError
+from mullama.stream_config import StreamConfig
+from mullama.types import TokenData
+
+if TYPE_CHECKING:
+    from mullama.context import Context
+
+__all__ = ["TokenStream"]
+
+_FINISH = {1: "stop", 2: "stop", 3: "length", 4: "length", 5: "cancelled"}
+
+
+class _Producer:
+    """The producer thread of one stream and what it returned."""
+
+    def __init__(self, context: "Context", handle: Any, ring: TokenRing) -> None:
+        self.context = context
+        self.handle = handle
+        self.ring = ring
+        self.result: tuple[int, int] | None = None
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="mullama-producer", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            # the context's lock keeps close() from freeing it under the running decode
+            with self.context._lock:
+                self.result = self.handle.produce(self.ring)
+        except BaseException as exc:  # reported to the consumer, never lost in the thread
+            self.failure = exc
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask for the end: a paused producer wakes, a running decode aborts."""
+        self.ring.cancel()
+        self.handle.request_cancel()
+
+    async def wait(self) -> None:
+        """Wait (without blocking the event loop) until the thread has ended."""
+        while self.thread.is_alive():
+            await anyio.sleep(0.001)
+        self.thread.join()
+
+    def error(self) -> BaseException | None:
+        if self.failure is not None:
+            return self.failure
+        if self.result and self.result[0]:
+            return self.handle.error_for(*self.result)
+        return None
+
+
+class TokenStream(ObjectReceiveStream[TokenData]):
+    """Tokens of one generation, as they are produced.
+
+    Use ``async for token in stream``, ``await stream.next()`` (``None`` at
+    the end), ``stream.try_next()`` (never waits) or ``await
+    stream.receive()`` (raises ``anyio.EndOfStream`` at the end). The last
+    token has ``is_final`` set.
+
+    Cancellation: ``cancel()``, ``aclose()``, leaving ``async with``, or the
+    cancellation of a task waiting in ``receive()`` (a trio cancel scope, an
+    asyncio task cancel or timeout) all end the stream: the producer stops
+    within one decode step, also in the middle of prompt processing, and the
+    context goes back to the model for the next stream. Every ``receive()``
+    is a checkpoint.
+    """
+
+    def __init__(self, config: StreamConfig, context: "Context | None", producer: _Producer | None,
+                 release: Callable[["Context", _Producer | None], None], prompt_tokens: int) -> None:
+        self._config = config
+        self._context = context
+        self._producer = producer
+        self._release_cb = release
+        self._released = False
+        self._done = producer is None
+        self._count = 0
+        self._started = time.monotonic()
+        self._deadline = self._started + config.timeout if config.timeout_ms else math.inf
+        self._loop_thread = threading.get_ident()
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason: str | None = "length" if producer is None else None
+        if producer is None:
+            self._release()
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def config(self) -> StreamConfig:
+        return self._config
+
+    @property
+    def is_finished(self) -> bool:
+        return self._done
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens handed out so far."""
+        return self._count
+
+    @property
+    def buffered(self) -> int:
+        """Tokens produced but not yet read (at most ``config.buffer_size``)."""
+        return self._producer.ring.size if self._producer else 0
+
+    @property
+    def producer_pauses(self) -> int:
+        """How often decoding paused because ``buffer_size`` tokens waited unread."""
+        return self._producer.ring.full_waits if self._producer else 0
+
+    # ------------------------------------------------------------ reading
+
+    async def receive(self) -> TokenData:
+        await anyio.lowlevel.checkpoint()
+        if self._done:
+            raise anyio.EndOfStream
+        try:
+            record = await self._wait_record()
+            if self._config.stream_delay_ms:
+                await anyio.sleep(self._config.stream_delay_ms / 1000)
+        except BaseException:
+            # the consumer is leaving (cancelled, timed out, failed): stop decoding
+            self.cancel()
+            raise
+        return self._deliver(record)
+
+    async def next(self) -> TokenData | None:
+        """The next token, or None when the stream has ended."""
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            return None
+
+    def try_next(self) -> TokenData | None:
+        """The next token if one is ready, else None. Never waits."""
+        if self._done:
+            return None
+        record = self._producer.ring.pop(False)
+        if record is EMPTY:
+            return None
+        if record is CLOSED:
+            self._closed_without_final()
+            return None
+        return self._deliver(record)
+
+    async def _wait_record(self) -> tuple:
+        ring = self._producer.ring
+        while True:
+            if time.monotonic() >= self._deadline:
+                self._timed_out()
+            record = ring.pop(True)
+            if record is CLOSED:
+                self._closed_without_final()
+                raise anyio.EndOfStream
+            if record is not EMPTY:
+                return record
+            with anyio.move_on_after(self._deadline - time.monotonic()):
+                await anyio.wait_readable(ring.fileno())
+            ring.drain_wake()
+
+    def _deliver(self, record: tuple) -> TokenData:
+        token, raw, finish, logprob = record
+        index = self._count
+        self._count += 1
+        if finish:
+            self.finish_reason = _FINISH.get(finish, "stop")
+            self._finish()
+        return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
+                         logprob if self._config.logprobs else None, None, index)
+
+    def _closed_without_final(self) -> None:
+        producer = self._producer
+        self._finish()
+        err = producer.error() if producer else None
+        if err is not None:
+            self.finish_reason = "error"
+            raise err
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def _timed_out(self) -> None:
+        self.cancel()
+        self.finish_reason = "timeout"
+        raise StreamingError(f"the stream timed out after {self._config.timeout_ms} ms "
+                             f"({self._count} tokens received)")
+
+    # ------------------------------------------------------------ ending
+
+    def cancel(self) -> None:
+        """Stop generating now. Safe to call at any time, more than once."""
+        if self._done:
+            return
+        self.finish_reason = "cancelled"
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._producer is not None and not self._producer.ring.closed:
+            self._producer.stop()
+        self._done = True
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released and self._context is not None:
+            self._released = True
+            self._release_cb(self._context, self._producer)
+
+    async def aclose(self) -> None:
+        """Cancel if still running and wait until the producer thread has ended."""
+        self.cancel()
+        if self._producer is not None:
+            with anyio.CancelScope(shield=True):
+                await self._producer.wait()
+
+    def __del__(self) -> None:
+        # an abandoned stream must not keep decoding or hold its context
+        if not getattr(self, "_done", True):
+            self._producer.stop()
+            if threading.get_ident() == self._loop_thread:
+                try:
+                    self._done = True
+                    self._release()
+                except Exception:  # noqa: BLE001 - the loop may be gone at shutdown
+                    pass
