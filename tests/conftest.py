@@ -29,3 +29,17 @@ def ctx(model):
 @pytest.fixture(scope="session")
 def greedy() -> mullama.SamplerParams:
     return mullama.SamplerParams(temperature=0.0)
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    """Every async test runs on trio and on asyncio."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def async_model(model_path):
+    """An AsyncModel shared by the async tests (it is not bound to an event loop)."""
+    m = mullama.AsyncModel(mullama.Model.load(model_path), n_ctx=1024)
+    yield m
+    m.close()

@@ -1,0 +1,185 @@
+"""Async token streams on trio and asyncio: API, backpressure, cancellation, timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+import mullama
+from mullama import AsyncModel, StreamConfig
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = "The capital of France is"
+GREEDY = StreamConfig(max_tokens=16, temperature=0.0)
+
+
+def producer_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "mullama-producer")
+
+
+async def wait_no_producers(timeout: float = 2.0) -> None:
+    with anyio.fail_after(timeout):
+        while producer_threads():
+            await anyio.sleep(0.005)
+
+
+async def test_stream_matches_sync_generation(async_model, model):
+    expected = [t for t in mullama.Context(model, n_ctx=256).stream_tokens(PROMPT, 16, mullama.SamplerParams(temperature=0))]
+    stream = await async_model.generate_stream(PROMPT, GREEDY)
+    got = [tok async for tok in stream]
+    assert [t.token_id for t in got] == [t.token_id for t in expected]
+    assert "".join(t.text for t in got) == "".join(t.text for t in expected)
+    assert [t.logprob for t in got] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert got[-1].is_final and not any(t.is_final for t in got[:-1])
+    assert stream.is_finished and stream.tokens_generated == 16 and stream.finish_reason == "length"
+    assert await stream.next() is None
+    with pytest.raises(anyio.EndOfStream):
+        await stream.receive()
+    await wait_no_producers()
+
+
+async def test_next_try_next_and_async_with(async_model):
+    async with await async_model.generate_stream(PROMPT, GREEDY) as stream:
+        assert stream.config is GREEDY
+        first = await stream.next()
+        assert first is not None and first.index == 0
+        while stream.buffered == 0:
+            await anyio.sleep(0.005)
+        ready = stream.try_next()
+        assert ready is not None and ready.index == 1
+        rest = [t async for t in stream]
+        assert len(rest) == 14
+    assert stream.try_next() is None
+    assert await async_model.generate(PROMPT, GREEDY) == "".join(
+        [first.text, ready.text] + [t.text for t in rest])
+
+
+async def test_stop_sequences_end_the_stream(async_model):
+    full = await async_model.generate(PROMPT, GREEDY.replace(max_tokens=30))
+    stop = full[10:14]
+    stream = await async_model.generate_stream(PROMPT, GREEDY.replace(max_tokens=30, stop_sequences=(stop,)))
+    got = [t async for t in stream]
+    assert "".join(t.text for t in got) == full[: full.index(stop)]
+    assert got[-1].is_final and stream.finish_reason == "stop"
+
+
+async def test_backpressure_pauses_decoding(async_model):
+    config = StreamConfig(max_tokens=200, temperature=0.0, buffer_size=4)
+    async with await async_model.generate_stream(PROMPT, config) as stream:
+        await stream.next()
+        await anyio.sleep(0.5)  # a slow consumer: the producer must be waiting, not decoding
+        assert stream.buffered == 4
+        assert stream.producer_pauses >= 1
+        ctx = async_model._contexts[0]
+        calls = ctx.n_decode_calls
+        await anyio.sleep(0.3)
+        assert ctx.n_decode_calls == calls  # no decode while the buffer is full
+        for _ in range(6):
+            await stream.next()
+        assert stream.buffered <= 4
+    await wait_no_producers()
+
+
+async def test_cancel_stops_within_a_step(async_model):
+    stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=500, temperature=0.0))
+    await stream.next()
+    ctx = async_model._contexts[0]
+    stream.cancel()
+    calls = ctx.n_decode_calls
+    await wait_no_producers()
+    assert ctx.n_decode_calls - calls <= 1
+    assert stream.is_finished and stream.finish_reason == "cancelled"
+    assert await stream.next() is None
+    # the model is usable right away, and its cache holds no stale sequence
+    assert await async_model.generate(PROMPT, GREEDY)
+
+
+async def test_cancel_scope_cancels_the_stream(async_model):
+    with anyio.move_on_after(0.3):
+        stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=5000, temperature=0.0,
+                                                                         stream_delay_ms=1))
+        async for _ in stream:
+            pass
+    assert stream.is_finished and stream.finish_reason == "cancelled"
+    await wait_no_producers()
+    assert len(await async_model.generate(PROMPT, GREEDY)) > 0
+
+
+async def test_cancel_during_prompt_processing(model_path):
+    async with await AsyncModel.load(model_path, n_ctx=4096, n_batch=2048) as m:
+        long_prompt = "word " * 2000
+        stream = await m.generate_stream(long_prompt, StreamConfig(max_tokens=4))
+        await anyio.sleep(0.05)  # the producer is inside llama_decode of the prompt
+        t0 = time.perf_counter()
+        await stream.aclose()
+        elapsed = time.perf_counter() - t0
+        assert producer_threads() == 0
+        assert stream.finish_reason == "cancelled"
+        # the abort callback stops the prompt batch; a whole 2000-token batch takes seconds here
+        assert elapsed < 1.0, elapsed
+        assert await m.generate(PROMPT, GREEDY)
+
+
+async def test_timeout_raises_streaming_error(async_model):
+    config = StreamConfig(max_tokens=5000, temperature=0.0, timeout_ms=200, stream_delay_ms=5)
+    stream = await async_model.generate_stream(PROMPT, config)
+    with pytest.raises(mullama.StreamingError, match="timed out"):
+        async for _ in stream:
+            pass
+    assert stream.is_finished
+    await wait_no_producers()
+
+
+async def test_concurrent_streams_queue_and_are_correct(model_path):
+    async with await AsyncModel.load(model_path, n_ctx=512, n_parallel=2) as m:
+        prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
+        expected = {p: await m.generate(p, GREEDY) for p in prompts}
+        results: dict[str, str] = {}
+
+        async def one(p: str) -> None:
+            results[p] = await m.generate(p, GREEDY)
+
+        async with anyio.create_task_group() as tg:
+            for p in prompts * 2:
+                tg.start_soon(one, p)
+        assert results == expected
+    await wait_no_producers()
+
+
+async def test_event_loop_is_not_blocked(async_model):
+    gaps: list[float] = []
+    stop = anyio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await anyio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await async_model.generate(PROMPT, GREEDY.replace(max_tokens=24))
+        stop.set()
+    gaps.sort()
+    # decoding a token takes ~13 ms; the loop must never wait on it
+    assert gaps[int(len(gaps) * 0.99)] < 0.010
+
+
+async def test_bad_config_and_prompt(async_model):
+    with pytest.raises(ValueError, match="buffer_size"):
+        StreamConfig(buffer_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        StreamConfig(temperature=-1)
+    with pytest.raises(ValueError, match="timeout_ms"):
+        StreamConfig(timeout_ms=-5)
+    with pytest.raises(ValueError, match="stop_sequences"):
+        StreamConfig(stop_sequences=("",))
+    with pytest.raises(mullama.ContextOverflowError):
+        await async_model.generate_stream("word " * 5000, GREEDY)
+    assert await async_model.generate(PROMPT, GREEDY)
