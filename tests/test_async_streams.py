@@ -183,3 +183,77 @@ async def test_bad_config_and_prompt(async_model):
     with pytest.raises(mullama.ContextOverflowError):
         await async_model.generate_stream("word " * 5000, GREEDY)
     assert await async_model.generate(PROMPT, GREEDY)
+
+
+def test_trio_nursery_cancel_stops_the_producer(async_model):
+    import trio
+
+    async def main() -> str:
+        async with trio.open_nursery() as nursery:
+            holder = {}
+
+            async def consume() -> None:
+                stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=5000, temperature=0))
+                holder["stream"] = stream
+                async for _ in stream:
+                    pass
+
+            nursery.start_soon(consume)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+        return holder["stream"].finish_reason
+
+    assert trio.run(main) == "cancelled"
+    deadline = time.monotonic() + 2
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert producer_threads() == 0
+
+
+def test_asyncio_task_cancel_and_timeout(async_model):
+    import asyncio
+
+    async def consume(box: dict) -> None:
+        stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=5000, temperature=0))
+        box["stream"] = stream
+        async for _ in stream:
+            pass
+
+    async def main() -> tuple[str, str]:
+        box: dict = {}
+        task = asyncio.ensure_future(consume(box))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        box2: dict = {}
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await consume(box2)
+        return box["stream"].finish_reason, box2["stream"].finish_reason
+
+    assert asyncio.run(main()) == ("cancelled", "cancelled")
+    deadline = time.monotonic() + 2
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert producer_threads() == 0
+
+
+def test_abandoned_stream_is_cleaned_up(async_model):
+    import asyncio
+    import gc
+
+    async def main() -> str:
+        stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=5000, temperature=0))
+        async for _ in stream:
+            break  # no aclose(): the stream is simply dropped
+        del stream
+        gc.collect()
+        # the context came back, so another stream can start
+        return await async_model.generate(PROMPT, GREEDY)
+
+    assert asyncio.run(main())
+    deadline = time.monotonic() + 2
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert producer_threads() == 0

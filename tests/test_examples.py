@@ -12,10 +12,10 @@ import pytest
 import mullama
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SYNC = ["console_streaming.py", "stream_stats.py", "token_records.py", "streaming_demo.py"]
+ALL = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 
 
-@pytest.mark.parametrize("name", SYNC)
+@pytest.mark.parametrize("name", ALL)
 def test_example_runs(name, model_path):
     # the examples import the same mullama as the tests (installed or built in place)
     root = str(Path(mullama.__file__).resolve().parent.parent)
