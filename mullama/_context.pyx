@@ -393,7 +393,12 @@ cdef class ContextHandle:
 
     def clear(self):
         self._check_open()
-        llama_memory_clear(llama_get_memory(self.g.ctx), True)
+        self._drop_cache()
+
+    cdef void _drop_cache(self) noexcept:
+        """Free every KV cell of the context (nothing will be reused)."""
+        if self.g.ctx != NULL:
+            llama_memory_clear(llama_get_memory(self.g.ctx), True)
         self.g.n_past = 0
 
     def memory_pos_max(self) -> int:
@@ -567,7 +572,7 @@ cdef class ContextHandle:
         return (token, text, self.g.finish,
                 self.g.logprob if self.g.want_logprob else None, top)
 
-    def produce(self, TokenRing ring not None):
+    def produce(self, TokenRing ring not None, bint keep_cache=False):
         """Run the current generation to its end on this thread, without the GIL,
         handing each token to ``ring``. Returns (error_kind, decode_status); (0, 0)
         when it ended normally or was cancelled. The ring is closed in every case."""
@@ -585,6 +590,8 @@ cdef class ContextHandle:
                     self.g.finish = FIN_CANCELLED
                 llama_memory_seq_rm(llama_get_memory(self.g.ctx), 0, self.g.n_past, -1)
             self._active = False
+            if not keep_cache:
+                self._drop_cache()
             return (err, code)
         finally:
             mll_ring_close(&ring.r, 1 if err != ERR_NONE else 0)

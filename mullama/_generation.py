@@ -109,6 +109,7 @@ class TokenIterator(Iterator[TokenData]):
         if self._done:
             return
         self._done = True
+        self._context._generation_ended(self._generation)
         self.finish_reason = reason
         self._t_end = time.perf_counter()
         self._context._last_stats = self.stats

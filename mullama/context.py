@@ -126,6 +126,14 @@ class Context:
             raise errors.ClosedError("the model of this context is closed")
         return self._handle
 
+    def _generation_ended(self, generation: int | None) -> None:
+        """Free the KV cells of a finished generation unless they are kept for reuse."""
+        if self.reuse_prefix or generation is None:
+            return
+        with self._lock:
+            if generation == self._generation and not self.closed and not self._model.closed:
+                self._handle.clear()
+
     def _begin_generation(self) -> int:
         self._generation += 1
         return self._generation

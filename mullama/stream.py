@@ -45,7 +45,7 @@ class _Producer:
         try:
             # the context's lock keeps close() from freeing it under the running decode
             with self.context._lock:
-                self.result = self.handle.produce(self.ring)
+                self.result = self.handle.produce(self.ring, self.context.reuse_prefix)
         except BaseException as exc:  # reported to the consumer, never lost in the thread
             self.failure = exc
 

@@ -14,7 +14,7 @@ from mullama import AsyncModel, StreamConfig
 pytestmark = pytest.mark.anyio
 
 PROMPT = "The capital of France is"
-GREEDY = StreamConfig(max_tokens=16, temperature=0.0)
+GREEDY = StreamConfig(max_tokens=16, temperature=0.0, timeout_ms=300_000)
 
 
 def producer_threads() -> int:
@@ -257,3 +257,13 @@ def test_abandoned_stream_is_cleaned_up(async_model):
     while producer_threads() and time.monotonic() < deadline:
         time.sleep(0.005)
     assert producer_threads() == 0
+
+
+async def test_kv_cells_are_freed_after_every_stream(async_model):
+    ctx = async_model._contexts[0]
+    await async_model.generate(PROMPT, GREEDY)
+    assert ctx._handle.memory_pos_max() == -1
+    stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=500, temperature=0.0))
+    await stream.next()
+    await stream.aclose()
+    assert ctx._handle.memory_pos_max() == -1 and ctx.n_cached == 0
