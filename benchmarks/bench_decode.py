@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# run as a script from a checkout: find the in-place built package and the helpers
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import _bench_env as env  # noqa: E402
 
 DECODE_PROMPT = "The capital of France is"
@@ -85,17 +86,23 @@ class LlamaCppPythonEngine:
 
     def __init__(self, python: Path, model_path: str, threads: int, flash_attn: str) -> None:
         worker = Path(__file__).resolve().parent / "_lcp_worker.py"
+        # llama.cpp logs to stderr even with verbose=False; keep it out of the report
+        self.log_path = env.RESULTS / "lcp-worker.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(python), str(worker), "--model", model_path, "--threads", str(threads),
              "--flash-attn", flash_attn],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         hello = self._read()
         self.version = hello["version"]
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit("the llama-cpp-python worker exited early")
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"the llama-cpp-python worker exited early:\n{tail}")
         return json.loads(line)
 
     def run(self, ids: list[int], max_tokens: int) -> dict:
@@ -106,6 +113,7 @@ class LlamaCppPythonEngine:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def run_llama_bench(exe: Path, model_path: str, threads: int, flash_attn: str,
@@ -149,8 +157,18 @@ def fmt(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
             f"{f.format(s['max'] * scale)}]")
 
 
-def ratio(a: dict | None, b: dict | None) -> float | None:
-    return a["median"] / b["median"] if a and b and b["median"] else None
+def compare(num: list, den: list, higher_is_better: bool, target: str) -> dict | None:
+    """A ratio three ways, since the machine's speed drifts between runs:
+    of the medians; of the best runs (least disturbed); and the median of the
+    per-repetition ratios (the engines of one repetition ran seconds apart)."""
+    pairs = [(a, b) for a, b in zip(num, den) if a is not None and b]
+    if not pairs:
+        return None
+    nums, dens = [a for a, _ in pairs], [b for _, b in pairs]
+    best = max if higher_is_better else min
+    return {"median": statistics.median(nums) / statistics.median(dens),
+            "best": best(nums) / best(dens),
+            "paired": statistics.median(a / b for a, b in pairs), "target": target}
 
 
 # ---------------------------------------------------------------- main
@@ -185,9 +203,10 @@ def main() -> None:
 
     mull = MullamaEngine(model_path, args.threads, args.flash_attn)
     decode_ids = mull.model.tokenize(DECODE_PROMPT)
-    filler = mull.model.tokenize(FILLER * (args.prompt_tokens // 20 + 2))
-    long_ids = filler[:args.prompt_tokens]  # starts with BOS, like a real prompt
-    assert len(long_ids) == args.prompt_tokens
+    text = FILLER
+    while len(mull.model.tokenize(text)) < args.prompt_tokens:
+        text += FILLER
+    long_ids = mull.model.tokenize(text)[:args.prompt_tokens]  # starts with BOS, like a real prompt
     lcp = LlamaCppPythonEngine(lcp_py, model_path, args.threads, args.flash_attn)
 
     # warm-up: page in the weights and let the allocators settle, not recorded
@@ -216,36 +235,38 @@ def main() -> None:
     mull.close()
     lcp.close()
 
-    res = {
+    M, L, B = raw["mullama"], raw["llama-cpp-python"], raw["llama-bench"]
+    series = {  # one value per repetition, in repetition order (so they pair up)
         "mullama": {
-            "decode_tok_s": summary([r["decode_tok_s"] for r in raw["mullama"]]),
-            "decode_tok_s_stats": summary([r["decode"]["stats_tok_s"] for r in raw["mullama"]]),
-            "ttft_short_s": summary([r["decode"]["ttft"] for r in raw["mullama"]]),
-            "ttft_prompt_s": summary([r["prompt"]["ttft"] for r in raw["mullama"]]),
-            "ttft_prompt_s_stats": summary([r["prompt"]["stats_ttft"] for r in raw["mullama"]]),
+            "decode_tok_s": [r["decode_tok_s"] for r in M],
+            "decode_tok_s_stats": [r["decode"]["stats_tok_s"] for r in M],
+            "ttft_short_s": [r["decode"]["ttft"] for r in M],
+            "ttft_prompt_s": [r["prompt"]["ttft"] for r in M],
+            "ttft_prompt_s_stats": [r["prompt"]["stats_ttft"] for r in M],
         },
         "llama-cpp-python": {
-            "decode_tok_s": summary([r["decode_tok_s"] for r in raw["llama-cpp-python"]]),
-            "ttft_short_s": summary([r["decode"]["ttft"] for r in raw["llama-cpp-python"]]),
-            "ttft_prompt_s": summary([r["prompt"]["ttft"] for r in raw["llama-cpp-python"]]),
+            "decode_tok_s": [r["decode_tok_s"] for r in L],
+            "ttft_short_s": [r["decode"]["ttft"] for r in L],
+            "ttft_prompt_s": [r["prompt"]["ttft"] for r in L],
         },
         "llama-bench": {
-            "tg_tok_s": summary([r.get("tg") for r in raw["llama-bench"]]),
-            "pp_tok_s": summary([r.get("pp") for r in raw["llama-bench"]]),
+            "tg_tok_s": [r.get("tg") for r in B],
+            "pp_tok_s": [r.get("pp") for r in B],
+            "pp_time_s": [args.prompt_tokens / r["pp"] if r.get("pp") else None for r in B],
         },
     }
-    pp = res["llama-bench"]["pp_tok_s"]
-    pp_time = {"median": args.prompt_tokens / pp["median"]} if pp else None
+    res = {eng: {k: summary(v) for k, v in d.items()} for eng, d in series.items()}
+    m, l, b = series["mullama"], series["llama-cpp-python"], series["llama-bench"]
+    n = args.prompt_tokens
     ratios = {
-        "mullama_decode / llama-bench_tg": (ratio(res["mullama"]["decode_tok_s"],
-                                                  res["llama-bench"]["tg_tok_s"]), ">= 0.98"),
-        "mullama_decode / llama-cpp-python_decode": (
-            ratio(res["mullama"]["decode_tok_s"], res["llama-cpp-python"]["decode_tok_s"]), ">= 1.0"),
-        "llama-cpp-python_decode / llama-bench_tg": (
-            ratio(res["llama-cpp-python"]["decode_tok_s"], res["llama-bench"]["tg_tok_s"]), "-"),
-        "mullama_ttft512 / (512/pp512)": (ratio(res["mullama"]["ttft_prompt_s"], pp_time), "<= 1.05"),
-        "llama-cpp-python_ttft512 / (512/pp512)": (
-            ratio(res["llama-cpp-python"]["ttft_prompt_s"], pp_time), "-"),
+        "mullama decode / llama-bench tg": compare(m["decode_tok_s"], b["tg_tok_s"], True, ">= 0.98"),
+        "mullama decode / llama-cpp-python decode": compare(
+            m["decode_tok_s"], l["decode_tok_s"], True, ">= 1.0"),
+        "llama-cpp-python decode / llama-bench tg": compare(
+            l["decode_tok_s"], b["tg_tok_s"], True, "-"),
+        f"mullama TTFT{n} / ({n}/pp{n})": compare(m["ttft_prompt_s"], b["pp_time_s"], False, "<= 1.05"),
+        f"llama-cpp-python TTFT{n} / ({n}/pp{n})": compare(
+            l["ttft_prompt_s"], b["pp_time_s"], False, "-"),
     }
     same_text = raw["mullama"][0]["decode"]["text"] == raw["llama-cpp-python"][0]["decode"]["text"]
 
@@ -262,7 +283,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "meta": meta, "summary": res, "same_greedy_text": same_text,
-        "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()},
+        "ratios": ratios,
         "raw": raw,
     }, indent=2))
     print_report(meta, res, ratios, same_text, raw, args)
@@ -276,18 +297,14 @@ def print_report(meta: dict, res: dict, ratios: dict, same_text: bool, raw: dict
     print(f"model {Path(meta['model']).name} | reps {meta['reps']} | decode {args.max_tokens} tokens "
           f"after a {meta['decode_prompt_tokens']}-token prompt | median [min-max]\n")
     m, l, b = res["mullama"], res["llama-cpp-python"], res["llama-bench"]
-    pp = b["pp_tok_s"]
-    pp_ms = {k: n / pp[k] * 1000 for k in ("median", "max", "min")} if pp else None
-    if pp_ms:  # the fastest prompt is the shortest time
-        pp_ms["min"], pp_ms["max"] = pp_ms["max"], pp_ms["min"]
     rows = [
         ("engine", "decode tok/s", "TTFT short (ms)", f"TTFT {n} (ms)", f"prompt tok/s ({n})"),
         ("mullama", fmt(m["decode_tok_s"]), fmt(m["ttft_short_s"], 1000),
          fmt(m["ttft_prompt_s"], 1000), f"{n / m['ttft_prompt_s']['median']:.0f}"),
         ("llama-cpp-python", fmt(l["decode_tok_s"]), fmt(l["ttft_short_s"], 1000),
          fmt(l["ttft_prompt_s"], 1000), f"{n / l['ttft_prompt_s']['median']:.0f}"),
-        (f"llama-bench", f"{fmt(b['tg_tok_s'])} tg{args.max_tokens}", "-",
-         f"{fmt(pp_ms)} ={n}/pp", f"{fmt(pp, digits=0)} pp{n}"),
+        ("llama-bench", f"{fmt(b['tg_tok_s'])} (tg{args.max_tokens})", "-",
+         f"{fmt(b['pp_time_s'], 1000)} ({n}/pp{n})", f"{fmt(b['pp_tok_s'], digits=0)} (pp{n})"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -295,9 +312,12 @@ def print_report(meta: dict, res: dict, ratios: dict, same_text: bool, raw: dict
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print()
-    for name, (value, target) in ratios.items():
-        shown = "-" if value is None else f"{value:.3f}"
-        print(f"{name:<42} {shown:>7}   target {target}")
+    print(f"{'ratio':<42} {'median':>7} {'best':>7} {'paired':>7}   target")
+    for name, r in ratios.items():
+        if r is None:
+            print(f"{name:<42} {'-':>7}")
+            continue
+        print(f"{name:<42} {r['median']:7.3f} {r['best']:7.3f} {r['paired']:7.3f}   {r['target']}")
     print(f"\nmullama decode by its own stats: {fmt(m['decode_tok_s_stats'])} tok/s; "
           f"TTFT {n} by its stats (from first next()): {fmt(m['ttft_prompt_s_stats'], 1000)} ms")
     dc = [r["decode"]["decode_calls"] for r in raw["mullama"]]

@@ -21,6 +21,7 @@ from mullama._llama cimport *
 from mullama._mll cimport *
 from mullama._model cimport ModelHandle
 from mullama._ring cimport TokenRing
+from mullama._pipe cimport TextPipe, pipe_reserve, pipe_start, pipe_flush, pipe_push, pipe_free
 from mullama import errors
 
 # finish codes shared with the Python layer (mullama/_generation.py)
@@ -75,43 +76,11 @@ cdef struct GenState:
     int32_t top_ids[MAX_TOP]
     float top_logprobs[MAX_TOP]
     # text pipeline: piece -> utf8 holdback -> stop matcher -> out
-    mll_utf8_hold utf8
-    mll_stop stop
-    char * piece
-    size_t piece_cap
-    char * work
-    char * out
-    size_t out_cap
-    size_t out_len
+    TextPipe pipe
 
 
 cdef c_bool _abort_cb(void * data) noexcept nogil:
     return (<GenState *> data).cancel != 0
-
-
-cdef int _ensure_text_buffers(GenState * g, size_t piece_len) noexcept nogil:
-    """Make the work/out buffers large enough for a piece of ``piece_len`` bytes."""
-    cdef size_t need = piece_len + g.stop.max_len + 16
-    cdef char * w
-    cdef char * o
-    if need <= g.out_cap:
-        return 0
-    w = <char *> realloc(g.work, need)
-    if w == NULL:
-        return -1
-    g.work = w
-    o = <char *> realloc(g.out, need)
-    if o == NULL:
-        return -1
-    g.out = o
-    g.out_cap = need
-    return 0
-
-
-cdef void _flush_text(GenState * g) noexcept nogil:
-    """End of generation: append held-back stop prefix, then an unfinished UTF-8 tail."""
-    g.out_len += mll_stop_flush(&g.stop, g.out + g.out_len)
-    g.out_len += mll_utf8_flush(&g.utf8, g.out + g.out_len)
 
 
 cdef int _decode_one(GenState * g, llama_token tok) noexcept nogil:
@@ -163,20 +132,20 @@ cdef int _prefill_chunk(GenState * g) noexcept nogil:
 cdef int _step(GenState * g) noexcept nogil:
     """One token: decode the last one, sample, detokenize, hold back, match stops.
 
-    Returns 0 with ``g.out``/``g.out_len`` holding the printable bytes and
+    Returns 0 with ``g.pipe.out``/``g.pipe.out_len`` holding the printable bytes and
     ``g.finish`` set when this token ends the generation; -1 on error.
     """
     cdef float * logits
     cdef llama_token tok
     cdef int32_t n
-    cdef size_t k
+    cdef int rc
     cdef double lse
     cdef int32_t i
-    g.out_len = 0
+    g.pipe.out_len = 0
     if g.pending_decode:
         if g.cancel:
             g.finish = FIN_CANCELLED
-            _flush_text(g)
+            pipe_flush(&g.pipe)
             return 0
         if _decode_one(g, g.last) < 0:
             return -1
@@ -200,24 +169,13 @@ cdef int _step(GenState * g) noexcept nogil:
                 g.top_logprobs[i] = <float> (g.top_logprobs[i] - lse)
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FIN_EOS
-        _flush_text(g)
+        pipe_flush(&g.pipe)
         return 0
-    n = llama_token_to_piece(g.vocab, tok, g.piece, <int32_t> g.piece_cap, 0, False)
-    if n < 0:
-        g.piece = <char *> realloc(g.piece, -n)
-        if g.piece == NULL:
-            g.piece_cap = 0
-            g.err = ERR_NOMEM
-            return -1
-        g.piece_cap = -n
-        n = llama_token_to_piece(g.vocab, tok, g.piece, <int32_t> g.piece_cap, 0, False)
-        if n < 0:
-            n = 0
-    if _ensure_text_buffers(g, <size_t> n) < 0:
+    rc = pipe_push(&g.pipe, g.vocab, tok)
+    if rc < 0:
         g.err = ERR_NOMEM
         return -1
-    k = mll_utf8_feed(&g.utf8, g.piece, <size_t> n, g.work)
-    if mll_stop_feed(&g.stop, g.work, k, g.out, &g.out_len):
+    if rc == 1:
         g.finish = FIN_STOP
         return 0
     if g.n_generated >= g.max_tokens:
@@ -225,7 +183,7 @@ cdef int _step(GenState * g) noexcept nogil:
     elif g.n_prompt + g.n_generated >= g.n_ctx_limit:
         g.finish = FIN_CONTEXT
     if g.finish != FIN_NONE:
-        _flush_text(g)
+        pipe_flush(&g.pipe)
         return 0
     g.last = tok
     g.pending_decode = True
@@ -258,7 +216,7 @@ cdef int _produce(GenState * g, mll_ring * r) noexcept nogil:
         rec.token = g.token if g.finish != FIN_CANCELLED else -1
         rec.finish = g.finish
         rec.logprob = g.logprob if g.want_logprob else 0.0
-        if mll_ring_set_text(rec, g.out, <unsigned int> g.out_len) < 0:
+        if mll_ring_set_text(rec, g.pipe.out, <unsigned int> g.pipe.out_len) < 0:
             g.err = ERR_NOMEM
             return -1
         mll_ring_commit(r)
@@ -321,9 +279,7 @@ cdef class ContextHandle:
         self.g.n_ctx_limit = n_ctx
         self.g.batch = llama_batch_init(self.n_batch, 0, 1)
         self.g.tokens = <llama_token *> malloc((n_ctx + 1) * sizeof(llama_token))
-        self.g.piece_cap = 256
-        self.g.piece = <char *> malloc(self.g.piece_cap)
-        if self.g.tokens == NULL or self.g.piece == NULL or self.g.batch.token == NULL:
+        if self.g.tokens == NULL or self.g.batch.token == NULL or pipe_reserve(&self.g.pipe, 256) < 0:
             raise MemoryError()
         self.g.n_past = 0
         self._stops = []
@@ -341,13 +297,7 @@ cdef class ContextHandle:
             self.g.batch.token = NULL
         free(self.g.tokens)
         self.g.tokens = NULL
-        free(self.g.piece)
-        self.g.piece = NULL
-        free(self.g.work)
-        self.g.work = NULL
-        free(self.g.out)
-        self.g.out = NULL
-        self.g.out_cap = 0
+        pipe_free(&self.g.pipe)
 
     cdef void _free_generation(self) noexcept:
         if self.g.smpl != NULL:
@@ -453,8 +403,8 @@ cdef class ContextHandle:
         self.g.n_prompt = n
         self._setup_stops(stops)
         self.g.smpl = self._make_sampler(sampler, prompt)
-        mll_utf8_reset(&self.g.utf8)
-        if _ensure_text_buffers(&self.g, self.g.piece_cap) < 0:
+        pipe_start(&self.g.pipe)
+        if pipe_reserve(&self.g.pipe, self.g.pipe.piece_cap) < 0:
             raise MemoryError()
         self.g.max_tokens = max_tokens
         self.g.n_generated = 0
@@ -485,7 +435,7 @@ cdef class ContextHandle:
             max(mll_stop_workspace_len(self._stop_lens, n), 1) * sizeof(size_t))
         if self._stop_work == NULL:
             raise MemoryError()
-        if mll_stop_init(&self.g.stop, self._stop_ptrs, self._stop_lens, n, self._stop_work) != 0:
+        if mll_stop_init(&self.g.pipe.stop, self._stop_ptrs, self._stop_lens, n, self._stop_work) != 0:
             raise ValueError("stop sequences must not be empty")
 
     cdef llama_sampler * _make_sampler(self, tuple cfg, const int[:] prompt) except? NULL:
@@ -560,7 +510,7 @@ cdef class ContextHandle:
             rc = _step(&self.g)
         if rc < 0:
             self._fail()
-        text = PyBytes_FromStringAndSize(self.g.out, self.g.out_len)
+        text = PyBytes_FromStringAndSize(self.g.pipe.out, self.g.pipe.out_len)
         top = None
         if self.g.want_logprob and self.g.n_top > 0:
             top = tuple([(self.g.top_ids[i], self.g.top_logprobs[i]) for i in range(self.g.n_top)])
@@ -618,10 +568,10 @@ cdef class ContextHandle:
             return b""
         self._active = False
         self.g.finish = FIN_CANCELLED
-        self.g.out_len = 0
-        if self.g.out != NULL:
-            _flush_text(&self.g)
-            return PyBytes_FromStringAndSize(self.g.out, self.g.out_len)
+        self.g.pipe.out_len = 0
+        if self.g.pipe.out != NULL:
+            pipe_flush(&self.g.pipe)
+            return PyBytes_FromStringAndSize(self.g.pipe.out, self.g.pipe.out_len)
         return b""
 
     def request_cancel(self):
@@ -638,7 +588,7 @@ cdef class ContextHandle:
 
     @property
     def stop_index(self):
-        return self.g.stop.matched_index if self.g.stop.matched else None
+        return self.g.pipe.stop.matched_index if self.g.pipe.stop.matched else None
 
     cdef int _check_active(self) except -1:
         self._check_open()

@@ -1,0 +1,90 @@
+# The text pipeline shared by the generation loops (_context.pyx, _batch.pyx):
+# token -> bytes -> UTF-8 holdback -> stop-sequence matcher -> printable bytes.
+# Everything here is nogil C on caller-owned buffers.
+
+from libc.stdlib cimport realloc, free
+
+from mullama._llama cimport llama_vocab, llama_token, llama_token_to_piece
+from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
+                           mll_stop, mll_stop_feed, mll_stop_flush)
+
+
+cdef struct TextPipe:
+    mll_utf8_hold utf8
+    mll_stop stop
+    char * piece
+    size_t piece_cap
+    char * work
+    char * out
+    size_t out_cap
+    size_t out_len
+
+
+cdef inline int pipe_reserve(TextPipe * p, size_t piece_len) noexcept nogil:
+    """Grow the work/out buffers for a piece of ``piece_len`` bytes; -1 when out of memory."""
+    cdef size_t need = piece_len + p.stop.max_len + 16
+    cdef char * w
+    cdef char * o
+    if p.piece == NULL:
+        p.piece = <char *> realloc(NULL, 256)
+        if p.piece == NULL:
+            return -1
+        p.piece_cap = 256
+    if need <= p.out_cap:
+        return 0
+    w = <char *> realloc(p.work, need)
+    if w == NULL:
+        return -1
+    p.work = w
+    o = <char *> realloc(p.out, need)
+    if o == NULL:
+        return -1
+    p.out = o
+    p.out_cap = need
+    return 0
+
+
+cdef inline void pipe_start(TextPipe * p) noexcept nogil:
+    """A new generation: nothing held back (the stop matcher is set up by the caller)."""
+    mll_utf8_reset(&p.utf8)
+    p.out_len = 0
+
+
+cdef inline void pipe_flush(TextPipe * p) noexcept nogil:
+    """End of generation: append the held stop prefix, then an unfinished UTF-8 tail."""
+    p.out_len += mll_stop_flush(&p.stop, p.out + p.out_len)
+    p.out_len += mll_utf8_flush(&p.utf8, p.out + p.out_len)
+
+
+cdef inline int pipe_push(TextPipe * p, const llama_vocab * vocab, llama_token tok) noexcept nogil:
+    """Run one token through the pipeline into ``out``/``out_len``.
+
+    Returns 1 when a stop sequence completed, 0 otherwise, -1 when out of memory."""
+    cdef int n = llama_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
+    cdef char * grown
+    cdef size_t k
+    p.out_len = 0
+    if n < 0:
+        grown = <char *> realloc(p.piece, -n)
+        if grown == NULL:
+            return -1
+        p.piece = grown
+        p.piece_cap = -n
+        n = llama_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
+        if n < 0:
+            n = 0
+    if pipe_reserve(p, <size_t> n) < 0:
+        return -1
+    k = mll_utf8_feed(&p.utf8, p.piece, <size_t> n, p.work)
+    return 1 if mll_stop_feed(&p.stop, p.work, k, p.out, &p.out_len) else 0
+
+
+cdef inline void pipe_free(TextPipe * p) noexcept nogil:
+    free(p.piece)
+    free(p.work)
+    free(p.out)
+    p.piece = NULL
+    p.work = NULL
+    p.out = NULL
+    p.piece_cap = 0
+    p.out_cap = 0
