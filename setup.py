@@ -206,6 +206,7 @@ if __name__ == "__main__":
             extension("_ring", links_llama=False),
             extension("_model", links_llama=True),
             extension("_context", links_llama=True),
+            extension("_batch", links_llama=True),
         ],
         cmdclass={"build_ext": BuildExt},
     )

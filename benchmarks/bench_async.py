@@ -79,7 +79,7 @@ async def cancel_latency(model: AsyncModel, during_prompt: bool) -> float:
     producer = stream._producer
     t0 = time.perf_counter()
     stream.cancel()
-    while producer.thread.is_alive():
+    while not producer.finished:  # the request has left the batch and freed its KV cells
         await anyio.sleep(0.0002)
     return time.perf_counter() - t0
 
@@ -94,13 +94,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--per-context", action="store_true", help="measure AsyncModel(batching=False)")
     args = ap.parse_args()
     reps, n = (1, 32) if args.quick else (args.reps, args.tokens)
     threads = default_threads()
     path = default_model_path()
     model = Model.load(path)
     ctx = Context(model, n_ctx=4096, n_threads=threads)
-    amodel = AsyncModel(Model.load(path), n_ctx=4096, n_threads=threads)
+    amodel = AsyncModel(Model.load(path), n_ctx=4096, n_threads=threads, batching=not args.per_context)
     sync_decode(ctx, 8)  # warm-up
     results: dict[str, list[float]] = {"sync": [], "trio": [], "asyncio": [], "cancel_decode_ms": [],
                                        "cancel_prompt_ms": []}

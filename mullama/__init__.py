@@ -20,12 +20,13 @@ from mullama.errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    QueueFullError,
     StreamingError,
     TemplateError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
-from mullama.stream import TokenStream
+from mullama.stream import BlockingTokenStream, TokenStream
 from mullama.stream_config import StreamConfig
 from mullama.types import GenerationStats, TokenData
 from mullama._generation import TextStream, TokenIterator
@@ -38,6 +39,8 @@ __all__ = [
     "AsyncModel",
     "StreamConfig",
     "TokenStream",
+    "BlockingTokenStream",
+    "QueueFullError",
     "SamplerParams",
     "TokenData",
     "GenerationStats",

@@ -224,6 +224,54 @@ cdef int _produce(GenState * g, mll_ring * r) noexcept nogil:
             return 0
 
 
+cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, const int[:] prompt) except? NULL:
+    """The sampler chain for ``cfg`` (see ContextHandle.begin), or NULL for plain greedy."""
+    (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
+     frequency_penalty, presence_penalty, seed, logit_bias) = cfg
+    cdef bint penalties = (repeat_penalty != 1.0 or frequency_penalty != 0.0
+                           or presence_penalty != 0.0) and repeat_last_n != 0
+    cdef llama_sampler * chain
+    cdef llama_logit_bias * biases
+    cdef Py_ssize_t i, n_bias = len(logit_bias)
+    cdef int32_t last_n
+    if temperature <= 0.0 and not penalties and n_bias == 0:
+        return NULL     # plain greedy: argmax over the logits, no candidate array
+    chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
+    if chain == NULL:
+        raise MemoryError()
+    if n_bias:
+        biases = <llama_logit_bias *> malloc(n_bias * sizeof(llama_logit_bias))
+        if biases == NULL:
+            llama_sampler_free(chain)
+            raise MemoryError()
+        for i, (tok, bias) in enumerate(logit_bias):
+            biases[i].token = tok
+            biases[i].bias = bias
+        llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(n_vocab, n_bias, biases))
+        free(biases)
+    if penalties:
+        last_n = repeat_last_n if repeat_last_n > 0 else n_ctx
+        llama_sampler_chain_add(chain, llama_sampler_init_penalties(
+            n_vocab, last_n, repeat_penalty, frequency_penalty, presence_penalty))
+        # the prompt counts as history for the penalties, as in llama.cpp's own tools
+        for i in range(max(0, prompt.shape[0] - last_n), prompt.shape[0]):
+            llama_sampler_accept(chain, prompt[i])
+    if temperature <= 0.0:
+        llama_sampler_chain_add(chain, llama_sampler_init_greedy())
+        return chain
+    if top_k > 0:
+        llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k))
+    if typical_p < 1.0:
+        llama_sampler_chain_add(chain, llama_sampler_init_typical(typical_p, 1))
+    if top_p < 1.0:
+        llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 1))
+    if min_p > 0.0:
+        llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 1))
+    llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature))
+    llama_sampler_chain_add(chain, llama_sampler_init_dist(<uint32_t> seed))
+    return chain
+
+
 cdef class ContextHandle:
     """Owns a ``llama_context``, its batch, the sampler chain and the text pipeline.
 
@@ -402,7 +450,7 @@ cdef class ContextHandle:
         memcpy(self.g.prompt, &prompt[0], n * sizeof(llama_token))
         self.g.n_prompt = n
         self._setup_stops(stops)
-        self.g.smpl = self._make_sampler(sampler, prompt)
+        self.g.smpl = make_sampler(sampler, self.g.n_vocab, self.n_ctx, prompt)
         pipe_start(&self.g.pipe)
         if pipe_reserve(&self.g.pipe, self.g.pipe.piece_cap) < 0:
             raise MemoryError()
@@ -437,52 +485,6 @@ cdef class ContextHandle:
             raise MemoryError()
         if mll_stop_init(&self.g.pipe.stop, self._stop_ptrs, self._stop_lens, n, self._stop_work) != 0:
             raise ValueError("stop sequences must not be empty")
-
-    cdef llama_sampler * _make_sampler(self, tuple cfg, const int[:] prompt) except? NULL:
-        (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
-         frequency_penalty, presence_penalty, seed, logit_bias) = cfg
-        cdef bint penalties = (repeat_penalty != 1.0 or frequency_penalty != 0.0
-                               or presence_penalty != 0.0) and repeat_last_n != 0
-        cdef llama_sampler * chain
-        cdef llama_logit_bias * biases
-        cdef Py_ssize_t i, n_bias = len(logit_bias)
-        cdef int32_t last_n
-        if temperature <= 0.0 and not penalties and n_bias == 0:
-            return NULL     # plain greedy: argmax over the logits, no candidate array
-        chain = llama_sampler_chain_init(llama_sampler_chain_default_params())
-        if chain == NULL:
-            raise MemoryError()
-        if n_bias:
-            biases = <llama_logit_bias *> malloc(n_bias * sizeof(llama_logit_bias))
-            if biases == NULL:
-                llama_sampler_free(chain)
-                raise MemoryError()
-            for i, (tok, bias) in enumerate(logit_bias):
-                biases[i].token = tok
-                biases[i].bias = bias
-            llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(self.g.n_vocab, n_bias, biases))
-            free(biases)
-        if penalties:
-            last_n = repeat_last_n if repeat_last_n > 0 else self.n_ctx
-            llama_sampler_chain_add(chain, llama_sampler_init_penalties(
-                self.g.n_vocab, last_n, repeat_penalty, frequency_penalty, presence_penalty))
-            # the prompt counts as history for the penalties, as in llama.cpp's own tools
-            for i in range(max(0, prompt.shape[0] - last_n), prompt.shape[0]):
-                llama_sampler_accept(chain, prompt[i])
-        if temperature <= 0.0:
-            llama_sampler_chain_add(chain, llama_sampler_init_greedy())
-            return chain
-        if top_k > 0:
-            llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k))
-        if typical_p < 1.0:
-            llama_sampler_chain_add(chain, llama_sampler_init_typical(typical_p, 1))
-        if top_p < 1.0:
-            llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0.0:
-            llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 1))
-        llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature))
-        llama_sampler_chain_add(chain, llama_sampler_init_dist(<uint32_t> seed))
-        return chain
 
     def prefill(self) -> bool:
         """Decode one chunk of the prompt (GIL released). True when the prompt is done."""

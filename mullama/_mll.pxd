@@ -30,6 +30,12 @@ cdef extern from "mullama/mll_logits.h" nogil:
     double mll_logsumexp(const float * x, int32_t n)
     int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_lock(pthread_mutex_t * m)
+    int pthread_mutex_unlock(pthread_mutex_t * m)
+
 cdef extern from "mullama/mll_ring.h" nogil:
     enum: MLL_REC_INLINE
     ctypedef struct mll_tok_rec:
@@ -46,6 +52,18 @@ cdef extern from "mullama/mll_ring.h" nogil:
         int cancelled
         int32_t error
         unsigned long long full_waits
+        void (*on_space)(void * arg) noexcept nogil
+        void * on_space_arg
+    ctypedef struct mll_bell:
+        pthread_mutex_t mu
+        unsigned long long count
+    void mll_bell_init(mll_bell * b)
+    void mll_bell_destroy(mll_bell * b)
+    void mll_bell_ring(void * b)
+    unsigned long long mll_bell_seen(mll_bell * b)
+    void mll_bell_wait(mll_bell * b, unsigned long long seen)
+    unsigned int mll_ring_space(mll_ring * r)
+    void mll_ring_note_full(mll_ring * r)
     int mll_ring_init(mll_ring * r, mll_tok_rec * storage, unsigned int cap)
     void mll_ring_destroy(mll_ring * r)
     int mll_ring_wait_slot(mll_ring * r)

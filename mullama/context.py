@@ -15,7 +15,7 @@ from mullama.model import Model, as_token_array
 from mullama.params import SamplerParams, check_max_tokens, normalize_stop
 from mullama.types import GenerationStats
 
-__all__ = ["Context", "default_threads"]
+__all__ = ["Context", "default_threads", "prompt_ids"]
 
 _FLASH_ATTN = {"auto": -1, False: 0, "off": 0, "disabled": 0, True: 1, "on": 1, "enabled": 1}
 MAX_TOP_LOGPROBS = 64
@@ -39,6 +39,31 @@ def _positive_int(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be within [{low}, {high}], got {value}")
     return value
+
+
+def prompt_ids(model: Model, prompt: Prompt, n_ctx: int) -> np.ndarray:
+    """The prompt as int32 token ids, checked against the vocabulary and ``n_ctx``.
+
+    Text is tokenized with the model's BOS and with special-token text (such
+    as a chat template's markers) parsed as special tokens.
+    """
+    if isinstance(prompt, (str, bytes)):
+        ids = model.tokenize(prompt, add_special=True, parse_special=True)
+        bos = model.bos_token_id
+        # a chat template that writes <bos> itself plus the tokenizer's BOS would double it
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        arr = np.asarray(ids, dtype=np.int32)
+    else:
+        arr = as_token_array(prompt, model.n_vocab, "prompt token ids")
+    if arr.size == 0:
+        raise ValueError("the prompt is empty")
+    if arr.size >= n_ctx:
+        raise errors.ContextOverflowError(
+            f"the prompt has {arr.size} tokens but the context holds {n_ctx} tokens "
+            f"(prompt and generated tokens together); shorten the prompt or raise n_ctx",
+            n_prompt=int(arr.size), n_ctx=n_ctx)
+    return arr
 
 
 class Context:
@@ -184,24 +209,7 @@ class Context:
     # ------------------------------------------------------------ generation
 
     def _prompt_ids(self, prompt: Prompt) -> np.ndarray:
-        model = self._model
-        if isinstance(prompt, (str, bytes)):
-            ids = model.tokenize(prompt, add_special=True, parse_special=True)
-            bos = model.bos_token_id
-            # a chat template that writes <bos> itself plus the tokenizer's BOS would double it
-            if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-                ids = ids[1:]
-            arr = np.asarray(ids, dtype=np.int32)
-        else:
-            arr = as_token_array(prompt, model.n_vocab, "prompt token ids")
-        if arr.size == 0:
-            raise ValueError("the prompt is empty")
-        if arr.size >= self.n_ctx:
-            raise errors.ContextOverflowError(
-                f"the prompt has {arr.size} tokens but the context holds {self.n_ctx} tokens "
-                f"(prompt and generated tokens together); shorten the prompt or raise n_ctx",
-                n_prompt=int(arr.size), n_ctx=self.n_ctx)
-        return arr
+        return prompt_ids(self._model, prompt, self.n_ctx)
 
     def stream_tokens(
         self,

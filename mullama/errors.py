@@ -18,6 +18,7 @@ __all__ = [
     "GenerationError",
     "StreamingError",
     "TemplateError",
+    "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
     "raise_for_decode",
@@ -59,6 +60,10 @@ class GenerationError(MullamaError, RuntimeError):
 
 class StreamingError(MullamaError, RuntimeError):
     """A stream ended abnormally (timeout, broken hand-off, superseded generation)."""
+
+
+class QueueFullError(MullamaError, RuntimeError):
+    """Too many streams are waiting for a slot; the request was not queued."""
 
 
 class TemplateError(MullamaError, ValueError):

@@ -10,9 +10,10 @@ happens until the consumer reads again.
 from __future__ import annotations
 
 import math
+import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import anyio
 from anyio.abc import ObjectReceiveStream
@@ -24,8 +25,9 @@ from mullama.types import TokenData
 
 if TYPE_CHECKING:
     from mullama.context import Context
+    from mullama.stream_config import StreamConfig as _Config  # noqa: F401
 
-__all__ = ["TokenStream"]
+__all__ = ["TokenStream", "BlockingTokenStream"]
 
 _FINISH = {1: "stop", 2: "stop", 3: "length", 4: "length", 5: "cancelled"}
 
@@ -52,6 +54,10 @@ class _Producer:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def finished(self) -> bool:
+        return not self.thread.is_alive()
+
     def stop(self) -> None:
         """Ask for the end: a paused producer wakes, a running decode aborts."""
         self.ring.cancel()
@@ -71,29 +77,36 @@ class _Producer:
         return None
 
 
-class TokenStream(ObjectReceiveStream[TokenData]):
-    """Tokens of one generation, as they are produced.
+class _BatchJob:
+    """A request running on the batch engine (same interface as _Producer)."""
 
-    Use ``async for token in stream``, ``await stream.next()`` (``None`` at
-    the end), ``stream.try_next()`` (never waits) or ``await
-    stream.receive()`` (raises ``anyio.EndOfStream`` at the end). The last
-    token has ``is_final`` set.
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.ring = request.ring
 
-    Cancellation: ``cancel()``, ``aclose()``, leaving ``async with``, or the
-    cancellation of a task waiting in ``receive()`` (a trio cancel scope, an
-    asyncio task cancel or timeout) all end the stream: the producer stops
-    within one decode step, also in the middle of prompt processing, and the
-    context goes back to the model for the next stream. Every ``receive()``
-    is a checkpoint.
-    """
+    @property
+    def finished(self) -> bool:
+        return self.request.done
 
-    def __init__(self, config: StreamConfig, context: "Context | None", producer: _Producer | None,
-                 release: Callable[["Context", _Producer | None], None], prompt_tokens: int) -> None:
+    def stop(self) -> None:
+        self.request.cancel()
+
+    async def wait(self) -> None:
+        while not self.request.done:
+            await anyio.sleep(0.001)
+
+    def error(self) -> BaseException | None:
+        return self.request.error()
+
+
+class _StreamState:
+    """What the async and the blocking stream share: bookkeeping and ending."""
+
+    def __init__(self, config: StreamConfig, producer: "_Producer | _BatchJob | None",
+                 on_done: Callable[[], None] | None, prompt_tokens: int) -> None:
         self._config = config
-        self._context = context
         self._producer = producer
-        self._release_cb = release
-        self._released = False
+        self._on_done = on_done
         self._done = producer is None
         self._count = 0
         self._started = time.monotonic()
@@ -103,8 +116,6 @@ class TokenStream(ObjectReceiveStream[TokenData]):
         self.finish_reason: str | None = "length" if producer is None else None
         if producer is None:
             self._release()
-
-    # ------------------------------------------------------------ facts
 
     @property
     def config(self) -> StreamConfig:
@@ -126,10 +137,80 @@ class TokenStream(ObjectReceiveStream[TokenData]):
 
     @property
     def producer_pauses(self) -> int:
-        """How often decoding paused because ``buffer_size`` tokens waited unread."""
+        """How often decoding of this stream paused because ``buffer_size`` tokens waited unread."""
         return self._producer.ring.full_waits if self._producer else 0
 
-    # ------------------------------------------------------------ reading
+    def _deliver(self, record: tuple) -> TokenData:
+        token, raw, finish, logprob = record
+        index = self._count
+        self._count += 1
+        if finish:
+            self.finish_reason = _FINISH.get(finish, "stop")
+            self._finish()
+        return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
+                         logprob if self._config.logprobs else None, None, index)
+
+    def _closed_without_final(self) -> None:
+        producer = self._producer
+        self._finish()
+        err = producer.error() if producer else None
+        if err is not None:
+            self.finish_reason = "error"
+            raise err
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def _timed_out(self) -> None:
+        self.cancel()
+        self.finish_reason = "timeout"
+        raise StreamingError(f"the stream timed out after {self._config.timeout_ms} ms "
+                             f"({self._count} tokens received)")
+
+    def cancel(self) -> None:
+        """Stop generating now. Safe to call at any time, more than once."""
+        if self._done:
+            return
+        self.finish_reason = "cancelled"
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._producer is not None and not self._producer.ring.closed:
+            self._producer.stop()
+        self._done = True
+        self._release()
+
+    def _release(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
+
+    def __del__(self) -> None:
+        # an abandoned stream must not keep decoding or hold its slot
+        if not getattr(self, "_done", True):
+            self._producer.stop()
+            if threading.get_ident() == self._loop_thread:
+                try:
+                    self._done = True
+                    self._release()
+                except Exception:  # noqa: BLE001 - the loop may be gone at shutdown
+                    pass
+
+
+class TokenStream(_StreamState, ObjectReceiveStream[TokenData]):
+    """Tokens of one generation, as they are produced.
+
+    Use ``async for token in stream``, ``await stream.next()`` (``None`` at
+    the end), ``stream.try_next()`` (never waits) or ``await
+    stream.receive()`` (raises ``anyio.EndOfStream`` at the end). The last
+    token has ``is_final`` set.
+
+    Cancellation: ``cancel()``, ``aclose()``, leaving ``async with``, or the
+    cancellation of a task waiting in ``receive()`` (a trio cancel scope, an
+    asyncio task cancel or timeout) all end the stream: decoding of it stops
+    within one decode step, also in the middle of prompt processing, and its
+    slot goes back to the model for the next stream. Every ``receive()`` is a
+    checkpoint.
+    """
 
     async def receive(self) -> TokenData:
         await anyio.lowlevel.checkpoint()
@@ -179,66 +260,56 @@ class TokenStream(ObjectReceiveStream[TokenData]):
                 await anyio.wait_readable(ring.fileno())
             ring.drain_wake()
 
-    def _deliver(self, record: tuple) -> TokenData:
-        token, raw, finish, logprob = record
-        index = self._count
-        self._count += 1
-        if finish:
-            self.finish_reason = _FINISH.get(finish, "stop")
-            self._finish()
-        return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
-                         logprob if self._config.logprobs else None, None, index)
-
-    def _closed_without_final(self) -> None:
-        producer = self._producer
-        self._finish()
-        err = producer.error() if producer else None
-        if err is not None:
-            self.finish_reason = "error"
-            raise err
-        if self.finish_reason is None:
-            self.finish_reason = "cancelled"
-
-    def _timed_out(self) -> None:
-        self.cancel()
-        self.finish_reason = "timeout"
-        raise StreamingError(f"the stream timed out after {self._config.timeout_ms} ms "
-                             f"({self._count} tokens received)")
-
-    # ------------------------------------------------------------ ending
-
-    def cancel(self) -> None:
-        """Stop generating now. Safe to call at any time, more than once."""
-        if self._done:
-            return
-        self.finish_reason = "cancelled"
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._producer is not None and not self._producer.ring.closed:
-            self._producer.stop()
-        self._done = True
-        self._release()
-
-    def _release(self) -> None:
-        if not self._released and self._context is not None:
-            self._released = True
-            self._release_cb(self._context, self._producer)
-
     async def aclose(self) -> None:
-        """Cancel if still running and wait until the producer thread has ended."""
+        """Cancel if still running and wait until its producer has let go."""
         self.cancel()
         if self._producer is not None:
             with anyio.CancelScope(shield=True):
                 await self._producer.wait()
 
-    def __del__(self) -> None:
-        # an abandoned stream must not keep decoding or hold its context
-        if not getattr(self, "_done", True):
-            self._producer.stop()
-            if threading.get_ident() == self._loop_thread:
-                try:
-                    self._done = True
-                    self._release()
-                except Exception:  # noqa: BLE001 - the loop may be gone at shutdown
-                    pass
+
+class BlockingTokenStream(_StreamState, Iterator[TokenData]):
+    """The same stream for plain threads: ``next()`` blocks until a token arrives.
+
+    ``close()`` (or leaving ``with``) cancels it; decoding of it stops within
+    one step. Timeouts raise :class:`StreamingError` as in the async stream.
+    """
+
+    def __iter__(self) -> "BlockingTokenStream":
+        return self
+
+    def __next__(self) -> TokenData:
+        if self._done:
+            raise StopIteration
+        ring = self._producer.ring
+        try:
+            while True:
+                if time.monotonic() >= self._deadline:
+                    self._timed_out()
+                record = ring.pop(True)
+                if record is CLOSED:
+                    self._closed_without_final()
+                    raise StopIteration
+                if record is not EMPTY:
+                    break
+                remaining = self._deadline - time.monotonic()
+                select.select([ring.fileno()], [], [], None if math.isinf(remaining) else max(remaining, 0))
+                ring.drain_wake()
+            if self._config.stream_delay_ms:
+                time.sleep(self._config.stream_delay_ms / 1000)
+        except BaseException as exc:
+            if not isinstance(exc, StopIteration):
+                self.cancel()
+            raise
+        return self._deliver(record)
+
+    def close(self) -> None:
+        self.cancel()
+        while self._producer is not None and not self._producer.finished:
+            time.sleep(0.001)
+
+    def __enter__(self) -> "BlockingTokenStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

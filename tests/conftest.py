@@ -37,9 +37,11 @@ def anyio_backend(request):
     return request.param
 
 
-@pytest.fixture(scope="session")
-def async_model(model_path):
-    """An AsyncModel shared by the async tests (it is not bound to an event loop)."""
-    m = mullama.AsyncModel(mullama.Model.load(model_path), n_ctx=1024)
+@pytest.fixture(scope="session", params=["batched", "per-context"])
+def async_model(request, model_path):
+    """An AsyncModel shared by the async tests (it is not bound to an event loop),
+    once with the batch engine and once with a context per stream."""
+    m = mullama.AsyncModel(mullama.Model.load(model_path), n_ctx=1024, n_parallel=2,
+                           batching=request.param == "batched")
     yield m
     m.close()

@@ -74,10 +74,9 @@ async def test_backpressure_pauses_decoding(async_model):
         await anyio.sleep(0.5)  # a slow consumer: the producer must be waiting, not decoding
         assert stream.buffered == 4
         assert stream.producer_pauses >= 1
-        ctx = async_model._contexts[0]
-        calls = ctx.n_decode_calls
+        calls = async_model.n_decode_calls
         await anyio.sleep(0.3)
-        assert ctx.n_decode_calls == calls  # no decode while the buffer is full
+        assert async_model.n_decode_calls == calls  # no decode while the buffer is full
         for _ in range(6):
             await stream.next()
         assert stream.buffered <= 4
@@ -87,11 +86,11 @@ async def test_backpressure_pauses_decoding(async_model):
 async def test_cancel_stops_within_a_step(async_model):
     stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=500, temperature=0.0))
     await stream.next()
-    ctx = async_model._contexts[0]
     stream.cancel()
-    calls = ctx.n_decode_calls
+    calls = async_model.n_decode_calls
+    await stream.aclose()
     await wait_no_producers()
-    assert ctx.n_decode_calls - calls <= 1
+    assert async_model.n_decode_calls - calls <= 1
     assert stream.is_finished and stream.finish_reason == "cancelled"
     assert await stream.next() is None
     # the model is usable right away, and its cache holds no stale sequence
@@ -109,8 +108,9 @@ async def test_cancel_scope_cancels_the_stream(async_model):
     assert len(await async_model.generate(PROMPT, GREEDY)) > 0
 
 
-async def test_cancel_during_prompt_processing(model_path):
-    async with await AsyncModel.load(model_path, n_ctx=4096, n_batch=2048) as m:
+@pytest.mark.parametrize("batching", [True, False])
+async def test_cancel_during_prompt_processing(model_path, batching):
+    async with await AsyncModel.load(model_path, n_ctx=4096, n_batch=2048, batching=batching) as m:
         long_prompt = "word " * 2000
         stream = await m.generate_stream(long_prompt, StreamConfig(max_tokens=4))
         await anyio.sleep(0.05)  # the producer is inside llama_decode of the prompt
@@ -118,6 +118,7 @@ async def test_cancel_during_prompt_processing(model_path):
         await stream.aclose()
         elapsed = time.perf_counter() - t0
         assert producer_threads() == 0
+        assert max(m.kv_positions()) == -1
         assert stream.finish_reason == "cancelled"
         # the abort callback stops the prompt batch; a whole 2000-token batch takes seconds here
         assert elapsed < 1.0, elapsed
@@ -134,8 +135,9 @@ async def test_timeout_raises_streaming_error(async_model):
     await wait_no_producers()
 
 
-async def test_concurrent_streams_queue_and_are_correct(model_path):
-    async with await AsyncModel.load(model_path, n_ctx=512, n_parallel=2) as m:
+@pytest.mark.parametrize("batching", [True, False])
+async def test_concurrent_streams_queue_and_are_correct(model_path, batching):
+    async with await AsyncModel.load(model_path, n_ctx=512, n_parallel=2, batching=batching) as m:
         prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
         expected = {p: await m.generate(p, GREEDY) for p in prompts}
         results: dict[str, str] = {}
@@ -260,10 +262,9 @@ def test_abandoned_stream_is_cleaned_up(async_model):
 
 
 async def test_kv_cells_are_freed_after_every_stream(async_model):
-    ctx = async_model._contexts[0]
     await async_model.generate(PROMPT, GREEDY)
-    assert ctx._handle.memory_pos_max() == -1
+    assert max(async_model.kv_positions()) == -1
     stream = await async_model.generate_stream(PROMPT, StreamConfig(max_tokens=500, temperature=0.0))
     await stream.next()
     await stream.aclose()
-    assert ctx._handle.memory_pos_max() == -1 and ctx.n_cached == 0
+    assert max(async_model.kv_positions()) == -1

@@ -51,7 +51,53 @@ typedef struct mll_ring {
     int consumer_waiting; /* the consumer sleeps on wake_fd */
     int32_t error;        /* producer-side error code, 0 if none */
     uint64_t full_waits;  /* how often the producer blocked on a full ring */
+    /* called (outside the lock) after the consumer frees a slot or cancels, so a
+     * producer that serves many rings can sleep on one signal of its own */
+    void (*on_space)(void *arg);
+    void *on_space_arg;
 } mll_ring;
+
+/* A doorbell: a producer that has nothing to do sleeps until someone rings.
+ * `mll_bell_wait(b, seen)` returns as soon as the count differs from `seen`,
+ * so a ring between taking `seen` and waiting is never lost. */
+typedef struct mll_bell {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t count;
+} mll_bell;
+
+static inline void mll_bell_init(mll_bell *b) {
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+    b->count = 0;
+}
+
+static inline void mll_bell_destroy(mll_bell *b) {
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+}
+
+static inline void mll_bell_ring(void *arg) {
+    mll_bell *b = (mll_bell *)arg;
+    pthread_mutex_lock(&b->mu);
+    b->count++;
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+}
+
+static inline uint64_t mll_bell_seen(mll_bell *b) {
+    uint64_t c;
+    pthread_mutex_lock(&b->mu);
+    c = b->count;
+    pthread_mutex_unlock(&b->mu);
+    return c;
+}
+
+static inline void mll_bell_wait(mll_bell *b, uint64_t seen) {
+    pthread_mutex_lock(&b->mu);
+    while (b->count == seen) pthread_cond_wait(&b->cv, &b->mu);
+    pthread_mutex_unlock(&b->mu);
+}
 
 static inline int mll_ring_init(mll_ring *r, mll_tok_rec *storage, uint32_t cap) {
     memset(r, 0, sizeof(*r));
@@ -82,6 +128,13 @@ static inline void mll_ring_destroy(mll_ring *r) {
     r->wake_fd = -1;
     pthread_cond_destroy(&r->not_full);
     pthread_mutex_destroy(&r->mu);
+}
+
+/* Producer: note that the producer skipped this ring because it was full. */
+static inline void mll_ring_note_full(mll_ring *r) {
+    pthread_mutex_lock(&r->mu);
+    r->full_waits++;
+    pthread_mutex_unlock(&r->mu);
 }
 
 /* Producer: wait for a free slot. 0 when one is free, -1 when cancelled. */
@@ -163,6 +216,7 @@ static inline void mll_ring_release(mll_ring *r) {
         pthread_cond_signal(&r->not_full);
     }
     pthread_mutex_unlock(&r->mu);
+    if (r->on_space) r->on_space(r->on_space_arg);
 }
 
 /* Consumer: stop the producer; a blocked mll_ring_wait_slot returns -1 at once. */
@@ -171,6 +225,16 @@ static inline void mll_ring_cancel(mll_ring *r) {
     r->cancelled = 1;
     pthread_cond_broadcast(&r->not_full);
     pthread_mutex_unlock(&r->mu);
+    if (r->on_space) r->on_space(r->on_space_arg);
+}
+
+/* Producer: free slots right now (0 when full or cancelled). Never blocks. */
+static inline uint32_t mll_ring_space(mll_ring *r) {
+    uint32_t n;
+    pthread_mutex_lock(&r->mu);
+    n = r->cancelled ? 0 : r->cap - (uint32_t)(r->tail - r->head);
+    pthread_mutex_unlock(&r->mu);
+    return n;
 }
 
 /* Consumer: reset the eventfd counter after waking. */

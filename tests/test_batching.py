@@ -1,0 +1,158 @@
+"""Continuous batching: many concurrent streams share one decode."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+import mullama
+from mullama import AsyncModel, StreamConfig
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "Water boils at",
+    "The three primary colours are",
+    "My favourite animal is",
+    "In 1969, the first man on the moon",
+    "A haiku about autumn:",
+]
+GREEDY = StreamConfig(max_tokens=16, temperature=0.0, timeout_ms=300_000)
+
+
+@pytest.fixture(scope="module")
+def engine_model(model_path):
+    m = AsyncModel(mullama.Model.load(model_path), n_ctx=512, n_parallel=8)
+    yield m
+    m.close()
+
+
+async def collect(m: AsyncModel, prompt: str, config: StreamConfig = GREEDY) -> list:
+    async with await m.generate_stream(prompt, config) as stream:
+        return [t async for t in stream]
+
+
+async def test_eight_concurrent_streams_are_exact(engine_model):
+    model = engine_model.model
+    solo = {p: await collect(engine_model, p) for p in PROMPTS}
+    results: dict[int, list] = {}
+
+    async def run(i: int, p: str) -> None:
+        results[i] = await collect(engine_model, p)
+
+    async with anyio.create_task_group() as tg:
+        for i, p in enumerate(PROMPTS + PROMPTS[:2]):  # two prompts twice in the same batch
+            tg.start_soon(run, i, p)
+    for i, p in enumerate(PROMPTS + PROMPTS[:2]):
+        toks = results[i]
+        assert len(toks) == 16 or toks[-1].is_final and len(toks) < 16
+        assert toks[-1].is_final and [t.index for t in toks] == list(range(len(toks)))
+        text = "".join(t.text for t in toks)
+        assert text == model.detokenize([t.token_id for t in toks])
+        # no text of another stream: the batched run starts exactly like the stream alone
+        # (later tokens may differ in the last bits of batched arithmetic)
+        ref = [t.token_id for t in solo[p]]
+        assert [t.token_id for t in toks[:4]] == ref[:4], (p, text)
+    assert [t.token_id for t in results[8]] == [t.token_id for t in results[0]]
+    assert [t.token_id for t in results[9]] == [t.token_id for t in results[1]]
+    assert max(engine_model.kv_positions()) == -1
+
+
+async def test_aborting_some_streams_leaves_the_others_intact(engine_model):
+    results: dict[int, list] = {}
+    config = GREEDY.replace(max_tokens=24)
+
+    async def run(i: int) -> None:
+        async with await engine_model.generate_stream(PROMPTS[i % 8], config) as stream:
+            got = []
+            async for tok in stream:
+                got.append(tok)
+                if i in (1, 4, 7) and len(got) == 5:
+                    break  # leaving `async with` aborts this stream
+            results[i] = got
+
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(run, i)
+    for i in range(10):
+        if i in (1, 4, 7):
+            assert len(results[i]) == 5
+        else:
+            assert len(results[i]) == 24 and results[i][-1].is_final
+    assert len(await collect(engine_model, PROMPTS[0])) == 16
+    with anyio.fail_after(5):
+        while engine_model.active_streams:
+            await anyio.sleep(0.01)
+    assert max(engine_model.kv_positions()) == -1
+
+
+async def test_a_parked_consumer_does_not_stop_the_others(engine_model):
+    parked = await engine_model.generate_stream(PROMPTS[0], StreamConfig(max_tokens=500, temperature=0.0,
+                                                                          buffer_size=2, timeout_ms=0))
+    try:
+        others = []
+        async with anyio.create_task_group() as tg:
+            async def run(p: str) -> None:
+                others.append(await collect(engine_model, p, GREEDY.replace(max_tokens=32)))
+            for p in PROMPTS[1:4]:
+                tg.start_soon(run, p)
+        assert [len(o) for o in others] == [32, 32, 32]
+        # the parked stream produced exactly what fits its buffer, then decoding of it paused
+        assert parked.buffered == 2 and parked.producer_pauses >= 1
+        first = await parked.next()
+        assert first is not None and first.index == 0
+    finally:
+        await parked.aclose()
+
+
+async def test_queue_is_fifo_and_bounded(model_path):
+    async with await AsyncModel.load(model_path, n_ctx=256, n_parallel=1, max_queue=2) as m:
+        config = StreamConfig(max_tokens=6, temperature=0.0)
+        streams = [await m.generate_stream(PROMPTS[i], config) for i in range(3)]  # 1 runs, 2 wait
+        with pytest.raises(mullama.QueueFullError):
+            await m.generate_stream(PROMPTS[3], config)
+        order: list[int] = []
+
+        async def drain(i: int) -> None:
+            async for tok in streams[i]:
+                if tok.index == 0:
+                    order.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in (2, 1, 0):
+                tg.start_soon(drain, i)
+        assert order == [0, 1, 2]
+        assert m.waiting_streams == 0 and m.active_streams == 0
+
+
+async def test_cancelled_while_queued_never_runs(model_path):
+    async with await AsyncModel.load(model_path, n_ctx=256, n_parallel=1) as m:
+        running = await m.generate_stream(PROMPTS[0], StreamConfig(max_tokens=30, temperature=0.0))
+        queued = await m.generate_stream(PROMPTS[1], StreamConfig(max_tokens=30, temperature=0.0))
+        queued.cancel()
+        assert len([t async for t in running]) == 30
+        assert await queued.next() is None and queued.finish_reason == "cancelled"
+        assert queued.tokens_generated == 0
+
+
+def test_blocking_streams_from_threads(engine_model):
+    expected = {p: "".join(t.text for t in engine_model.stream_blocking(p, GREEDY)) for p in PROMPTS[:4]}
+    got: dict[str, str] = {}
+
+    def worker(p: str) -> None:
+        with engine_model.stream_blocking(p, GREEDY) as stream:
+            got[p] = "".join(t.text for t in stream)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in PROMPTS[:4]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(got) == set(expected)
+    for p in PROMPTS[:4]:
+        assert got[p][:8] == expected[p][:8]
