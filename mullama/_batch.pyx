@@ -395,6 +395,7 @@ cdef class BatchEngine:
     cdef object _thread
     cdef object _inflight
     cdef object _lock
+    cdef object __weakref__
 
     def __cinit__(self, ModelHandle model not None, int n_slots, int n_ctx_per_slot, int n_batch,
                   int n_threads, int flash_attn, int max_queue, int prefill_chunk):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
+import weakref
 from typing import Any, Iterable
 
 import anyio
@@ -20,6 +22,15 @@ from mullama.stream_config import StreamConfig
 __all__ = ["AsyncModel"]
 
 Prompt = str | Iterable[int]
+
+# engines still running at interpreter exit are stopped before the model is freed
+_running_engines: "weakref.WeakSet[BatchEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    for engine in list(_running_engines):
+        engine.close()
 
 
 class AsyncModel:
@@ -61,6 +72,7 @@ class AsyncModel:
         if batching:
             self._engine = BatchEngine(model._handle, n_parallel, self._n_ctx, n_batch, threads,
                                        _FLASH_ATTN[key], max_queue, prefill_chunk)
+            _running_engines.add(self._engine)
         else:
             # made now so that bad context settings fail at load time, not at the first stream
             self._contexts.append(Context(model, n_ctx=self._n_ctx, **self._context_kwargs))

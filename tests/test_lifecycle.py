@@ -104,3 +104,17 @@ def test_cuda_request_without_toolkit_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("MULLAMA_CUDA", "0")
     setup.check_cuda_toolkit()
     assert "-DGGML_CUDA=ON" not in setup.cmake_args(tmp_path)
+
+
+def test_exit_with_a_running_batch_engine_is_clean(model_path):
+    proc = run_child(f"""
+        import anyio, mullama
+        async def main():
+            m = mullama.AsyncModel(mullama.Model.load({model_path!r}), n_ctx=256, n_parallel=2)
+            s = await m.generate_stream("Hello there", mullama.StreamConfig(max_tokens=10000))
+            print((await s.next()) is not None)
+            # leave without closing: the engine is still decoding
+        anyio.run(main)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
