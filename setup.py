@@ -145,7 +145,7 @@ class BuildExt(build_ext):
             ext.include_dirs[:0] = include_dirs
             if getattr(ext, "_links_llama", False):
                 ext.library_dirs.append(str(install_dir / "lib"))
-                ext.libraries += ["llama", "ggml", "ggml-base"]
+                ext.libraries += ["llama", "ggml", "ggml-cpu", "ggml-base"]
                 ext.runtime_library_dirs.append("$ORIGIN/lib")
         from Cython.Build import cythonize
 

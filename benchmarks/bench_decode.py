@@ -128,7 +128,7 @@ def run_llama_bench(exe: Path, model_path: str, threads: int, flash_attn: str,
     for test in json.loads(proc.stdout):
         key = "pp" if test["n_gen"] == 0 else "tg"
         out[key] = test["avg_ts"]
-        out["build_commit"] = test.get("build_commit")
+    # (its "build_commit" is the git HEAD of this checkout, not llama.cpp's: not recorded)
     return out
 
 
@@ -272,7 +272,6 @@ def main() -> None:
 
     meta = {
         "llama_cpp_commit": pin.get("llama_cpp_commit"),
-        "llama_bench_build_commit": raw["llama-bench"][0].get("build_commit"),
         "llama_cpp_python_version": lcp.version,
         "cpu": env.cpu_model(), "threads": args.threads, "flash_attn": args.flash_attn,
         "model": model_path, "reps": args.reps, "max_tokens": args.max_tokens,

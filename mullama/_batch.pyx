@@ -19,6 +19,7 @@ from libc.string cimport memcpy
 
 from mullama._llama cimport *
 from mullama._mll cimport *
+from mullama._threads cimport attach_pools, free_pools
 from mullama._pipe cimport TextPipe, pipe_reserve, pipe_start, pipe_flush, pipe_push, pipe_free
 from mullama._model cimport ModelHandle
 from mullama._ring cimport TokenRing
@@ -389,6 +390,8 @@ cdef class BatchEngine:
     """One llama_context with ``n_slots`` sequences and the thread that decodes them."""
 
     cdef Engine e
+    cdef ggml_threadpool * _pool
+    cdef ggml_threadpool * _pool_batch
     cdef readonly ModelHandle model
     cdef readonly int n_ctx_per_slot
     cdef readonly int max_queue
@@ -425,6 +428,8 @@ cdef class BatchEngine:
         if self.e.ctx == NULL:
             from mullama._model import take_log
             raise errors.context_create_error(take_log().strip().replace("\n", "; ")[-300:])
+        if attach_pools(self.e.ctx, n_threads, n_threads, &self._pool, &self._pool_batch) < 0:
+            raise errors.context_create_error("ggml could not create its thread pool")
         self.e.vocab = model.vocab
         self.e.n_vocab = model.n_vocab
         self.e.n_batch = llama_n_batch(self.e.ctx)
@@ -448,6 +453,7 @@ cdef class BatchEngine:
         if self.e.ctx != NULL:
             llama_free(self.e.ctx)
             self.e.ctx = NULL
+        free_pools(&self._pool, &self._pool_batch)
         if self.e.batch.token != NULL:
             llama_batch_free(self.e.batch)
             self.e.batch.token = NULL

@@ -21,6 +21,7 @@ from mullama._llama cimport *
 from mullama._mll cimport *
 from mullama._model cimport ModelHandle
 from mullama._ring cimport TokenRing
+from mullama._threads cimport attach_pools, free_pools
 from mullama._pipe cimport TextPipe, pipe_reserve, pipe_start, pipe_flush, pipe_push, pipe_free
 from mullama import errors
 
@@ -279,6 +280,8 @@ cdef class ContextHandle:
     """
 
     cdef GenState g
+    cdef ggml_threadpool * _pool
+    cdef ggml_threadpool * _pool_batch
     cdef readonly ModelHandle model
     cdef readonly int32_t n_ctx
     cdef readonly int32_t n_ctx_internal
@@ -316,6 +319,8 @@ cdef class ContextHandle:
             self.g.ctx = llama_init_from_model(model.model, params)
         if self.g.ctx == NULL:
             raise errors.context_create_error(take_log().strip().replace("\n", "; ")[-300:])
+        if attach_pools(self.g.ctx, n_threads, n_threads_batch, &self._pool, &self._pool_batch) < 0:
+            raise errors.context_create_error("ggml could not create its thread pool")
         self.n_ctx = n_ctx
         self.n_ctx_internal = llama_n_ctx(self.g.ctx)
         self.n_batch = llama_n_batch(self.g.ctx)
@@ -340,6 +345,7 @@ cdef class ContextHandle:
         if self.g.ctx != NULL:
             llama_free(self.g.ctx)
             self.g.ctx = NULL
+        free_pools(&self._pool, &self._pool_batch)
         if self.g.batch.token != NULL:
             llama_batch_free(self.g.batch)
             self.g.batch.token = NULL

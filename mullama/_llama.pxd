@@ -17,6 +17,18 @@ cdef extern from "ggml.h" nogil:
         GGML_LOG_LEVEL_CONT
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
 
+    cdef struct ggml_threadpool_params:
+        int n_threads
+        unsigned int poll
+        c_bool paused
+    cdef struct ggml_threadpool:
+        pass
+    ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
+
+cdef extern from "ggml-cpu.h" nogil:
+    ggml_threadpool * ggml_threadpool_new(ggml_threadpool_params * params)
+    void ggml_threadpool_free(ggml_threadpool * threadpool)
+
 cdef extern from "llama.h" nogil:
     ctypedef int32_t llama_pos
     ctypedef int32_t llama_token
@@ -156,6 +168,9 @@ cdef extern from "llama.h" nogil:
     llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id)
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback cb, void * data)
+    void llama_attach_threadpool(llama_context * ctx, ggml_threadpool * threadpool,
+                                 ggml_threadpool * threadpool_batch)
+    void llama_detach_threadpool(llama_context * ctx)
     void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
 
     llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)

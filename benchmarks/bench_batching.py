@@ -1,0 +1,203 @@
+"""Concurrent streams: mullama's in-process batching against llama.cpp's server and ceiling.
+
+In one run, on the default model with the same threads, for 1, 2, 4 and 8
+concurrent greedy streams of the same prompts and length:
+- mullama: AsyncModel (continuous batching) driven from trio;
+- llama-server -np 8, built from the vendored llama.cpp, driven over
+  loopback by the same pattern (one streaming HTTP request per stream);
+- llama-batched-bench: the kernels' own decode rate for B sequences.
+Reported: aggregate decode tok/s, median time to first token, and the goals
+(8 streams: >= 1.1x llama-server, >= 0.95x batched-bench B=8, >= 2.2x one stream).
+
+Usage: python benchmarks/bench_batching.py [--tokens N] [--reps N] [--quick]
+Nothing is asserted; figures go to stdout and bench-results/batching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_env as env  # noqa: E402
+
+from mullama import AsyncModel, Model, StreamConfig, default_model_path, default_threads  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is", "Once upon a time", "The history of the Roman Empire",
+    "Water boils at", "The three primary colours are", "My favourite animal is",
+    "In 1969, the first man on the moon", "The best way to learn programming is",
+]
+LEVELS = (1, 2, 4, 8)
+
+
+def ensure_server() -> Path:
+    exe = env.TOOLS_BUILD / "bin" / "llama-server"
+    env.ensure_llama_bench()  # configures the tools build folder
+    if not exe.is_file():
+        env.log("building llama-server (cached afterwards)")
+    env._run(["cmake", "--build", str(env.TOOLS_BUILD), "--target", "llama-server", "llama-batched-bench",
+              "-j", "2"], env.TOOLS_BUILD.parent / "bench-server-build.log")
+    return exe
+
+
+def summarize(ttfts: list[float], tokens: int, wall: float) -> dict:
+    return {"tok_s": tokens / wall, "ttft_median_s": statistics.median(ttfts), "tokens": tokens, "wall_s": wall}
+
+
+async def mullama_level(model: AsyncModel, n: int, tokens: int) -> dict:
+    config = StreamConfig(max_tokens=tokens, temperature=0.0, timeout_ms=0)
+    ttfts: list[float] = []
+    counts: list[int] = []
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        count = 0
+        async with await model.generate_stream(PROMPTS[i % 8], config) as stream:
+            async for _ in stream:
+                if count == 0:
+                    ttfts.append(time.perf_counter() - t0)
+                count += 1
+        counts.append(count)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    return summarize(ttfts, sum(counts), time.perf_counter() - t0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_level(port: int, n: int, tokens: int) -> dict:
+    ttfts: list[float] = [0.0] * n
+    counts: list[int] = [0] * n
+    t0 = time.perf_counter()
+
+    def one(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": PROMPTS[i % 8], "n_predict": tokens, "temperature": 0.0, "stream": True,
+                           "cache_prompt": False, "top_k": 1})
+        conn.request("POST", "/completion", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            if event.get("stop"):
+                counts[i] = event.get("tokens_predicted", counts[i])
+                break
+            if counts[i] == 0:
+                ttfts[i] = time.perf_counter() - t0
+            counts[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(ttfts, sum(counts), time.perf_counter() - t0)
+
+
+def start_server(exe: Path, model_path: str, threads: int, n_ctx: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [str(exe), "-m", model_path, "-np", "8", "-c", str(8 * n_ctx), "-t", str(threads), "-tb", str(threads),
+           "--host", "127.0.0.1", "--port", str(port), "-fa", "auto", "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("llama-server did not become healthy")
+
+
+def batched_bench(model_path: str, threads: int, tokens: int) -> dict[int, float]:
+    exe = env.TOOLS_BUILD / "bin" / "llama-batched-bench"
+    cmd = [str(exe), "-m", model_path, "-c", "8192", "-b", "2048", "-ub", "512", "-npp", "16", "-ntg", str(tokens),
+           "-npl", ",".join(map(str, LEVELS)), "-t", str(threads), "-fa", "auto", "--output-format", "jsonl"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rates = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rates[int(row["pl"])] = float(row["speed_tg"])
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    tokens, reps = (16, 1) if args.quick else (args.tokens, args.reps)
+    threads = default_threads()
+    path = str(default_model_path())
+    n_ctx = 512
+    server_exe = ensure_server()
+    amodel = AsyncModel(Model.load(path), n_ctx=n_ctx, n_parallel=8, n_threads=threads)
+    anyio.run(mullama_level, amodel, 1, 4, backend="trio")  # warm-up
+    server, port = start_server(server_exe, path, threads, n_ctx)
+    results: dict[str, dict[int, list[dict]]] = {"mullama": {n: [] for n in LEVELS},
+                                                 "llama-server": {n: [] for n in LEVELS}}
+    try:
+        server_level(port, 1, 4)  # warm-up
+        for _ in range(reps):
+            for n in LEVELS:  # interleaved so both see the same machine state
+                results["mullama"][n].append(anyio.run(mullama_level, amodel, n, tokens, backend="trio"))
+                results["llama-server"][n].append(server_level(port, n, tokens))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    amodel.close()
+    ceiling = batched_bench(path, threads, tokens)
+
+    def med(name: str, n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[name][n])
+
+    print(f"threads={threads}  tokens/stream={tokens}  reps={reps}")
+    print(f"{'streams':>7} {'mullama tok/s':>14} {'server tok/s':>13} {'batched-bench':>14} "
+          f"{'mullama TTFT':>13} {'server TTFT':>12}")
+    summary: dict = {"threads": threads, "tokens": tokens, "levels": {}}
+    for n in LEVELS:
+        m, s = med("mullama", n, "tok_s"), med("llama-server", n, "tok_s")
+        mt, st = med("mullama", n, "ttft_median_s"), med("llama-server", n, "ttft_median_s")
+        print(f"{n:>7} {m:>14.1f} {s:>13.1f} {ceiling.get(n, float('nan')):>14.1f} {mt * 1e3:>10.0f} ms {st * 1e3:>9.0f} ms")
+        summary["levels"][n] = {"mullama_tok_s": m, "server_tok_s": s, "batched_bench_tok_s": ceiling.get(n),
+                                "mullama_ttft_s": mt, "server_ttft_s": st}
+    m8, m1 = med("mullama", 8, "tok_s"), med("mullama", 1, "tok_s")
+    ratios = {"vs_server_8": m8 / med("llama-server", 8, "tok_s"), "vs_batched_bench_8": m8 / ceiling[8],
+              "vs_own_single": m8 / m1}
+    summary["ratios"] = ratios
+    summary["raw"] = results
+    print(f"8 streams: {ratios['vs_server_8']:.2f}x llama-server (goal >= 1.1), "
+          f"{ratios['vs_batched_bench_8']:.2f}x batched-bench B=8 (goal >= 0.95), "
+          f"{ratios['vs_own_single']:.2f}x mullama single stream (goal >= 2.2)")
+    env.RESULTS.mkdir(exist_ok=True)
+    (env.RESULTS / "batching.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
