@@ -37,29 +37,44 @@ async def collect(m: AsyncModel, prompt: str, config: StreamConfig = GREEDY) -> 
         return [t async for t in stream]
 
 
+def assert_own_greedy_continuation(model, prompt: str, ids: list[int], tol: float = 0.5) -> None:
+    """Each token is (up to float noise) the argmax given its own prompt and predecessors.
+
+    Batched arithmetic may flip a near-tie, so exact equality with a solo run is
+    too strict; a token taken from another stream, though, would be far from
+    the argmax of this one.
+    """
+    with mullama.Context(model, n_ctx=512, reuse_prefix=True) as ctx:
+        prefix = list(model.tokenize(prompt, add_special=True, parse_special=True))
+        for tok in ids:
+            logits = ctx.logits(prefix)
+            assert logits[tok] >= logits.max() - tol, (prompt, model.detokenize(ids))
+            prefix.append(tok)
+
+
 async def test_eight_concurrent_streams_are_exact(engine_model):
     model = engine_model.model
-    solo = {p: await collect(engine_model, p) for p in PROMPTS}
     results: dict[int, list] = {}
 
     async def run(i: int, p: str) -> None:
         results[i] = await collect(engine_model, p)
 
+    batch = PROMPTS[:6] + PROMPTS[:2]  # eight streams, two prompts twice, all in the same batch
     async with anyio.create_task_group() as tg:
-        for i, p in enumerate(PROMPTS + PROMPTS[:2]):  # two prompts twice in the same batch
+        for i, p in enumerate(batch):
             tg.start_soon(run, i, p)
-    for i, p in enumerate(PROMPTS + PROMPTS[:2]):
+    for i, p in enumerate(batch):
         toks = results[i]
         assert len(toks) == 16 or toks[-1].is_final and len(toks) < 16
         assert toks[-1].is_final and [t.index for t in toks] == list(range(len(toks)))
         text = "".join(t.text for t in toks)
         assert text == model.detokenize([t.token_id for t in toks])
-        # no text of another stream: the batched run starts exactly like the stream alone
-        # (later tokens may differ in the last bits of batched arithmetic)
-        ref = [t.token_id for t in solo[p]]
-        assert [t.token_id for t in toks[:4]] == ref[:4], (p, text)
-    assert [t.token_id for t in results[8]] == [t.token_id for t in results[0]]
-    assert [t.token_id for t in results[9]] == [t.token_id for t in results[1]]
+        # no token of another stream, none lost or duplicated
+        assert_own_greedy_continuation(model, p, [t.token_id for t in toks if not model.is_eog(t.token_id)])
+    # Duplicates start alike; bit-identical continuations are not promised: llama.cpp's
+    # CPU kernels round differently depending on a row's place in the batch.
+    assert results[6][0].token_id == results[0][0].token_id
+    assert results[7][0].token_id == results[1][0].token_id
     assert max(engine_model.kv_positions()) == -1
 
 
@@ -113,7 +128,11 @@ async def test_a_parked_consumer_does_not_stop_the_others(engine_model):
 async def test_queue_is_fifo_and_bounded(model_path):
     async with await AsyncModel.load(model_path, n_ctx=256, n_parallel=1, max_queue=2) as m:
         config = StreamConfig(max_tokens=6, temperature=0.0)
-        streams = [await m.generate_stream(PROMPTS[i], config) for i in range(3)]  # 1 runs, 2 wait
+        streams = [await m.generate_stream(PROMPTS[0], config)]
+        with anyio.fail_after(10):
+            while m.active_streams == 0:  # the engine thread takes it from the queue
+                await anyio.sleep(0.001)
+        streams += [await m.generate_stream(PROMPTS[i], config) for i in (1, 2)]  # these two wait
         with pytest.raises(mullama.QueueFullError):
             await m.generate_stream(PROMPTS[3], config)
         order: list[int] = []
@@ -127,7 +146,9 @@ async def test_queue_is_fifo_and_bounded(model_path):
             for i in (2, 1, 0):
                 tg.start_soon(drain, i)
         assert order == [0, 1, 2]
-        assert m.waiting_streams == 0 and m.active_streams == 0
+        with anyio.fail_after(10):  # the engine frees the slot right after the final token
+            while m.active_streams or m.waiting_streams:
+                await anyio.sleep(0.001)
 
 
 async def test_cancelled_while_queued_never_runs(model_path):
