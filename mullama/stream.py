@@ -213,13 +213,15 @@ class TokenStream(_StreamState, ObjectReceiveStream[TokenData]):
     """
 
     async def receive(self) -> TokenData:
-        await anyio.lowlevel.checkpoint()
-        if self._done:
-            raise anyio.EndOfStream
         try:
+            await anyio.lowlevel.checkpoint()
+            if self._done:
+                raise anyio.EndOfStream
             record = await self._wait_record()
             if self._config.stream_delay_ms:
                 await anyio.sleep(self._config.stream_delay_ms / 1000)
+        except anyio.EndOfStream:
+            raise
         except BaseException:
             # the consumer is leaving (cancelled, timed out, failed): stop decoding
             self.cancel()
