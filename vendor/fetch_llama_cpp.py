@@ -40,6 +40,7 @@ NEEDED = (
     "ggml",
     "include",
     "licenses",
+    "scripts",
     "src",
     "tools",
     "vendor",
@@ -152,7 +153,7 @@ def extract(sdist: Path, pin: dict[str, str], dest: Path = DEST) -> None:
                 tar.extractall(tmp, members=members, filter="data")
             else:  # Python < 3.10.12 / 3.11.4: members were already screened above
                 tar.extractall(tmp, members=members)
-        (tmp / STAMP.name).write_text(pin["sdist_sha256"] + "\n")
+        (tmp / STAMP.name).write_text(_stamp(pin))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -161,9 +162,14 @@ def extract(sdist: Path, pin: dict[str, str], dest: Path = DEST) -> None:
             shutil.rmtree(tmp)
 
 
+def _stamp(pin: dict[str, str]) -> str:
+    # the list of extracted folders is part of the stamp: changing it re-extracts
+    return pin["sdist_sha256"] + " " + ",".join(NEEDED) + "\n"
+
+
 def is_current(pin: dict[str, str], dest: Path = DEST) -> bool:
     stamp = dest / STAMP.name
-    return stamp.exists() and stamp.read_text().strip() == pin["sdist_sha256"]
+    return stamp.exists() and stamp.read_text() == _stamp(pin)
 
 
 def ensure(force: bool = False) -> Path:
