@@ -28,7 +28,7 @@ from pathlib import Path
 
 import anyio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import _bench_env as env  # noqa: E402
 
 from mullama import AsyncModel, Model, StreamConfig, default_model_path, default_threads  # noqa: E402
