@@ -20,8 +20,10 @@ CRASH_MARKERS = ("GGML_ASSERT", "terminate called", "Segmentation", "Aborted", "
 
 def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(mullama.__file__).resolve().parent.parent))
+    # run from the tests folder: `python -c` puts the working directory first on sys.path,
+    # and a source checkout's mullama/ there would shadow the installed package
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=Path(__file__).resolve().parent)
     for marker in CRASH_MARKERS:
         assert marker not in proc.stderr, proc.stderr
     return proc
