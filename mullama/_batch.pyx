@@ -20,24 +20,12 @@ from libc.string cimport memcpy
 from mullama._llama cimport *
 from mullama._mll cimport *
 from mullama._threads cimport attach_pools, free_pools
-from mullama._pipe cimport TextPipe, pipe_reserve, pipe_start, pipe_flush, pipe_push, pipe_free
+from mullama._pipe cimport *
+from mullama._text cimport StopSet
 from mullama._model cimport ModelHandle
 from mullama._ring cimport TokenRing
 from mullama._context cimport make_sampler
 from mullama import errors
-
-cdef enum:
-    FIN_NONE = 0
-    FIN_EOS = 1
-    FIN_STOP = 2
-    FIN_MAX_TOKENS = 3
-    FIN_CONTEXT = 4
-    FIN_CANCELLED = 5
-    ERR_NONE = 0
-    ERR_DECODE = 1
-    ERR_NO_LOGITS = 2
-    ERR_NOMEM = 3
-
 
 cdef struct Req:
     Req * next                    # FIFO link while queued
@@ -313,15 +301,11 @@ cdef class Request:
 
     cdef Req r
     cdef readonly TokenRing ring
-    cdef list _stops
-    cdef const char ** _stop_ptrs
-    cdef size_t * _stop_lens
-    cdef size_t * _stop_work
+    cdef StopSet _stops
 
     def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
                   bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab):
-        cdef Py_ssize_t i, n = prompt.shape[0]
-        cdef bytes s
+        cdef Py_ssize_t n = prompt.shape[0]
         self.ring = ring
         self.r.n_prompt = <int32_t> n
         self.r.prompt = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
@@ -334,21 +318,8 @@ cdef class Request:
         self.r.want_logprob = want_logprob
         self.r.out_idx = -1
         self.r.ring = &ring.r
-        self._stops = list(stops)
-        n = len(self._stops)
-        self._stop_ptrs = <const char **> malloc(max(n, 1) * sizeof(char *))
-        self._stop_lens = <size_t *> malloc(max(n, 1) * sizeof(size_t))
-        if self._stop_ptrs == NULL or self._stop_lens == NULL:
-            raise MemoryError()
-        for i in range(n):
-            s = self._stops[i]
-            self._stop_ptrs[i] = <const char *> s
-            self._stop_lens[i] = len(s)
-        self._stop_work = <size_t *> malloc(max(mll_stop_workspace_len(self._stop_lens, n), 1) * sizeof(size_t))
-        if self._stop_work == NULL:
-            raise MemoryError()
-        if mll_stop_init(&self.r.pipe.stop, self._stop_ptrs, self._stop_lens, n, self._stop_work) != 0:
-            raise ValueError("stop sequences must not be empty")
+        self._stops = StopSet(stops)
+        self._stops.bind(&self.r.pipe.stop)
         pipe_start(&self.r.pipe)
         if pipe_reserve(&self.r.pipe, 256) < 0:
             raise MemoryError()
@@ -359,9 +330,6 @@ cdef class Request:
             llama_sampler_free(self.r.smpl)
         free(self.r.prompt)
         pipe_free(&self.r.pipe)
-        free(self._stop_ptrs)
-        free(self._stop_lens)
-        free(self._stop_work)
 
     def cancel(self):
         """Ask the engine to drop this request; it stops within one step."""

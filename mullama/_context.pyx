@@ -22,23 +22,11 @@ from mullama._mll cimport *
 from mullama._model cimport ModelHandle
 from mullama._ring cimport TokenRing
 from mullama._threads cimport attach_pools, free_pools
-from mullama._pipe cimport TextPipe, pipe_reserve, pipe_start, pipe_flush, pipe_push, pipe_free
+from mullama._pipe cimport *
+from mullama._text cimport StopSet
 from mullama import errors
 
-# finish codes shared with the Python layer (mullama/_generation.py)
 cdef enum:
-    FIN_NONE = 0
-    FIN_EOS = 1
-    FIN_STOP = 2
-    FIN_MAX_TOKENS = 3
-    FIN_CONTEXT = 4
-    FIN_CANCELLED = 5
-
-    ERR_NONE = 0
-    ERR_DECODE = 1
-    ERR_NO_LOGITS = 2
-    ERR_NOMEM = 3
-
     MAX_TOP = 64
 
 FINISH_NAMES = {FIN_EOS: "eos", FIN_STOP: "stop", FIN_MAX_TOKENS: "max_tokens",
@@ -289,10 +277,7 @@ cdef class ContextHandle:
     cdef readonly int n_threads
     cdef readonly int n_threads_batch
     # the current generation's stop strings (kept alive for the C matcher)
-    cdef list _stops
-    cdef const char ** _stop_ptrs
-    cdef size_t * _stop_lens
-    cdef size_t * _stop_work
+    cdef StopSet _stops
     cdef bint _active
 
     def __cinit__(self, ModelHandle model not None, int n_ctx, int n_batch, int n_threads,
@@ -335,7 +320,7 @@ cdef class ContextHandle:
         if self.g.tokens == NULL or self.g.batch.token == NULL or pipe_reserve(&self.g.pipe, 256) < 0:
             raise MemoryError()
         self.g.n_past = 0
-        self._stops = []
+        self._stops = None
 
     def __dealloc__(self):
         self._free_all()
@@ -359,13 +344,7 @@ cdef class ContextHandle:
             self.g.smpl = NULL
         free(self.g.prompt)
         self.g.prompt = NULL
-        free(self._stop_ptrs)
-        self._stop_ptrs = NULL
-        free(self._stop_lens)
-        self._stop_lens = NULL
-        free(self._stop_work)
-        self._stop_work = NULL
-        self._stops = []
+        self._stops = None
         self._active = False
 
     def close(self):
@@ -474,23 +453,8 @@ cdef class ContextHandle:
         return self.g.prefill_pos
 
     cdef void _setup_stops(self, list stops) except *:
-        cdef Py_ssize_t i, n = len(stops)
-        cdef bytes s
-        self._stops = list(stops)
-        self._stop_ptrs = <const char **> malloc(max(n, 1) * sizeof(char *))
-        self._stop_lens = <size_t *> malloc(max(n, 1) * sizeof(size_t))
-        if self._stop_ptrs == NULL or self._stop_lens == NULL:
-            raise MemoryError()
-        for i in range(n):
-            s = self._stops[i]
-            self._stop_ptrs[i] = <const char *> s
-            self._stop_lens[i] = len(s)
-        self._stop_work = <size_t *> malloc(
-            max(mll_stop_workspace_len(self._stop_lens, n), 1) * sizeof(size_t))
-        if self._stop_work == NULL:
-            raise MemoryError()
-        if mll_stop_init(&self.g.pipe.stop, self._stop_ptrs, self._stop_lens, n, self._stop_work) != 0:
-            raise ValueError("stop sequences must not be empty")
+        self._stops = StopSet(stops)
+        self._stops.bind(&self.g.pipe.stop)
 
     def prefill(self) -> bool:
         """Decode one chunk of the prompt (GIL released). True when the prompt is done."""

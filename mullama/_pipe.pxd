@@ -9,6 +9,22 @@ from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf
                            mll_stop, mll_stop_feed, mll_stop_flush)
 
 
+# how a generation ended (0 while it runs) and what went wrong; mullama/_generation.py and
+# mullama/stream.py map the finish codes to finish_reason strings
+cdef enum:
+    FIN_NONE = 0
+    FIN_EOS = 1
+    FIN_STOP = 2
+    FIN_MAX_TOKENS = 3
+    FIN_CONTEXT = 4
+    FIN_CANCELLED = 5
+
+    ERR_NONE = 0
+    ERR_DECODE = 1
+    ERR_NO_LOGITS = 2
+    ERR_NOMEM = 3
+
+
 cdef struct TextPipe:
     mll_utf8_hold utf8
     mll_stop stop

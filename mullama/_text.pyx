@@ -51,6 +51,47 @@ cdef class Utf8Holdback:
         return self._hold.tail_len
 
 
+cdef class StopSet:
+    """Validated stop strings and the C arrays a matcher needs; shared by the engines."""
+
+    def __cinit__(self, stops):
+        cdef Py_ssize_t i
+        cdef bytes s
+        self._keep = [bytes(s) for s in stops]
+        self.n = len(self._keep)
+        for s in self._keep:
+            if len(s) == 0:
+                raise ValueError("stop sequences must not be empty")
+        self._ptrs = <const char **> malloc(max(self.n, 1) * sizeof(char *))
+        self._lens = <size_t *> malloc(max(self.n, 1) * sizeof(size_t))
+        if self._ptrs == NULL or self._lens == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            s = self._keep[i]
+            self._ptrs[i] = <const char *> s
+            self._lens[i] = len(s)
+        self._work = <size_t *> malloc(max(mll_stop_workspace_len(self._lens, self.n), 1) * sizeof(size_t))
+        if self._work == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self._ptrs)
+        free(self._lens)
+        free(self._work)
+
+    cdef int bind(self, mll_stop * m) except -1:
+        """Point ``m`` at these strings; the StopSet must outlive every use of ``m``."""
+        if mll_stop_init(m, self._ptrs, self._lens, self.n, self._work) != 0:
+            raise ValueError("stop sequences must not be empty")
+        return 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self._keep[i]
+
+
 cdef class StopMatcher:
     """Incremental stop-sequence matcher over a byte stream.
 
@@ -60,36 +101,11 @@ cdef class StopMatcher:
     """
 
     cdef mll_stop _m
-    cdef list _keep
-    cdef const char ** _ptrs
-    cdef size_t * _lens
-    cdef size_t * _work
+    cdef StopSet _set
 
     def __cinit__(self, stops):
-        cdef Py_ssize_t i, n
-        cdef bytes s
-        self._keep = [bytes(s) for s in stops]
-        n = len(self._keep)
-        for s in self._keep:
-            if len(s) == 0:
-                raise ValueError("stop sequences must not be empty")
-        self._ptrs = <const char **> malloc(max(n, 1) * sizeof(char *))
-        self._lens = <size_t *> malloc(max(n, 1) * sizeof(size_t))
-        if self._ptrs == NULL or self._lens == NULL:
-            raise MemoryError()
-        for i in range(n):
-            s = self._keep[i]
-            self._ptrs[i] = <const char *> s
-            self._lens[i] = len(s)
-        self._work = <size_t *> malloc(max(mll_stop_workspace_len(self._lens, n), 1) * sizeof(size_t))
-        if self._work == NULL:
-            raise MemoryError()
-        mll_stop_init(&self._m, self._ptrs, self._lens, n, self._work)
-
-    def __dealloc__(self):
-        free(self._ptrs)
-        free(self._lens)
-        free(self._work)
+        self._set = StopSet(stops)
+        self._set.bind(&self._m)
 
     def feed(self, bytes data not None):
         cdef Py_ssize_t n = len(data)
