@@ -108,9 +108,15 @@ def build_llama(src: Path) -> Path:
     args = cmake_args(install_dir)
     cmake = shutil.which("cmake") or "cmake"
     jobs = str(os.cpu_count() or 2)
+    ninja = shutil.which("ninja")
+    if ninja:
+        # pip builds in a fresh temporary environment each time: point the cached build
+        # at this run's ninja (the one recorded last time may be gone)
+        args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     try:
-        if not (build_dir / "CMakeCache.txt").exists():
-            subprocess.run([cmake, "-S", str(src), "-B", str(build_dir), *args], check=True)
+        # configuring again is quick, and it also refreshes the cmake path recorded in the cache
+        subprocess.run([cmake, "-S", str(src), "-B", str(build_dir), *args], check=True,
+                       stdout=subprocess.DEVNULL)
         subprocess.run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True)
         subprocess.run([cmake, "--install", str(build_dir), "--config", "Release"], check=True,
                        stdout=subprocess.DEVNULL)
