@@ -150,6 +150,17 @@ class _StreamState:
         return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
                          logprob if self._config.logprobs else None, None, index)
 
+    def _poll(self) -> tuple | None:
+        """One look at the ring for a waiting consumer: a record, or None when the caller
+        must wait for ``fileno()``. Raises at the deadline; returns CLOSED at the end."""
+        if time.monotonic() >= self._deadline:
+            self._timed_out()
+        record = self._producer.ring.pop(True)
+        if record is CLOSED:
+            self._closed_without_final()
+            return CLOSED
+        return None if record is EMPTY else record
+
     def _closed_without_final(self) -> None:
         producer = self._producer
         self._finish()
@@ -250,13 +261,10 @@ class TokenStream(_StreamState, ObjectReceiveStream[TokenData]):
     async def _wait_record(self) -> tuple:
         ring = self._producer.ring
         while True:
-            if time.monotonic() >= self._deadline:
-                self._timed_out()
-            record = ring.pop(True)
+            record = self._poll()
             if record is CLOSED:
-                self._closed_without_final()
                 raise anyio.EndOfStream
-            if record is not EMPTY:
+            if record is not None:
                 return record
             with anyio.move_on_after(self._deadline - time.monotonic()):
                 await anyio.wait_readable(ring.fileno())
@@ -286,13 +294,10 @@ class BlockingTokenStream(_StreamState, Iterator[TokenData]):
         ring = self._producer.ring
         try:
             while True:
-                if time.monotonic() >= self._deadline:
-                    self._timed_out()
-                record = ring.pop(True)
+                record = self._poll()
                 if record is CLOSED:
-                    self._closed_without_final()
                     raise StopIteration
-                if record is not EMPTY:
+                if record is not None:
                     break
                 remaining = self._deadline - time.monotonic()
                 select.select([ring.fileno()], [], [], None if math.isinf(remaining) else max(remaining, 0))
