@@ -202,19 +202,15 @@ cdef int32_t _build_batch(Engine * e) noexcept nogil:
 
 cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
     cdef Req * r = e.slots[slot]
-    cdef float * logits = llama_get_logits_ith(e.ctx, r.out_idx)
-    cdef llama_token tok
+    cdef double lse = 0.0
     cdef float logprob = 0.0
     cdef int rc
     cdef mll_tok_rec * rec
-    if logits == NULL:
+    cdef llama_token tok = pick_token(e.ctx, r.out_idx, r.smpl, e.n_vocab, r.want_logprob, &lse)
+    if tok < 0:
         return ERR_NO_LOGITS
-    if r.smpl == NULL:
-        tok = mll_argmax(logits, e.n_vocab)
-    else:
-        tok = llama_sampler_sample(r.smpl, e.ctx, r.out_idx)
     if r.want_logprob:
-        logprob = <float> (logits[tok] - mll_logsumexp(logits, e.n_vocab))
+        logprob = <float> (llama_get_logits_ith(e.ctx, r.out_idx)[tok] - lse)
     r.n_generated += 1
     r.pipe.out_len = 0
     if llama_vocab_is_eog(e.vocab, tok):

@@ -139,18 +139,14 @@ cdef int _step(GenState * g) noexcept nogil:
         if _decode_one(g, g.last) < 0:
             return -1
         g.pending_decode = False
-    logits = llama_get_logits_ith(g.ctx, -1)
-    if logits == NULL:
+    tok = pick_token(g.ctx, -1, g.smpl, g.n_vocab, g.want_logprob, &lse)
+    if tok < 0:
         g.err = ERR_NO_LOGITS
         return -1
-    if g.smpl == NULL:
-        tok = mll_argmax(logits, g.n_vocab)
-    else:
-        tok = llama_sampler_sample(g.smpl, g.ctx, -1)
     g.token = tok
     g.n_generated += 1
     if g.want_logprob:
-        lse = mll_logsumexp(logits, g.n_vocab)
+        logits = llama_get_logits_ith(g.ctx, -1)
         g.logprob = <float> (logits[tok] - lse)
         if g.n_top > 0:
             n = mll_topk(logits, g.n_vocab, g.n_top, g.top_ids, g.top_logprobs)

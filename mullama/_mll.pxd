@@ -26,8 +26,9 @@ cdef extern from "mullama/mll_stop.h" nogil:
     size_t mll_stop_flush(mll_stop * m, char * out)
 
 cdef extern from "mullama/mll_logits.h" nogil:
-    int32_t mll_argmax(const float * x, int32_t n)
-    double mll_logsumexp(const float * x, int32_t n)
+    float mll_max(const float * x, int32_t n)
+    int32_t mll_index_of(const float * x, int32_t n, float v)
+    double mll_logsumexp_from(const float * x, int32_t n, float m)
     int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)
 
 cdef extern from "<pthread.h>" nogil:

@@ -4,9 +4,13 @@
 
 from libc.stdlib cimport realloc, free
 
-from mullama._llama cimport llama_vocab, llama_token, llama_token_to_piece
+from libc.stdint cimport int32_t
+
+from mullama._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
+                             llama_get_logits_ith, llama_sampler_sample)
 from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
-                           mll_stop, mll_stop_feed, mll_stop_flush)
+                           mll_stop, mll_stop_feed, mll_stop_flush, mll_max, mll_index_of,
+                           mll_logsumexp_from)
 
 
 # how a generation ended (0 while it runs) and what went wrong; mullama/_generation.py and
@@ -23,6 +27,27 @@ cdef enum:
     ERR_DECODE = 1
     ERR_NO_LOGITS = 2
     ERR_NOMEM = 3
+
+
+cdef inline llama_token pick_token(llama_context * ctx, int32_t idx, llama_sampler * smpl, int32_t n_vocab,
+                                   bint want_logprob, double * lse) noexcept nogil:
+    """Choose the next token from the logits of batch row ``idx``: argmax when ``smpl`` is NULL
+    (plain greedy), else the sampler chain. With ``want_logprob`` also stores log(sum(exp(logits)))
+    in ``lse``; the maximum is computed once for both. Returns -1 when there are no logits."""
+    cdef float * logits = llama_get_logits_ith(ctx, idx)
+    cdef float m = 0.0
+    cdef llama_token tok
+    if logits == NULL:
+        return -1
+    if smpl == NULL or want_logprob:
+        m = mll_max(logits, n_vocab)
+    if smpl == NULL:
+        tok = mll_index_of(logits, n_vocab, m)
+    else:
+        tok = llama_sampler_sample(smpl, ctx, idx)
+    if want_logprob:
+        lse[0] = mll_logsumexp_from(logits, n_vocab, m)
+    return tok
 
 
 cdef struct TextPipe:

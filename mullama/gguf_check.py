@@ -235,14 +235,21 @@ def _check(r: _Reader) -> None:
     _check_hparams(kv, tensors)
 
 
+def _new_name(r: _Reader, seen: dict, what: str, limit: int, if_empty: str, kind: str) -> str:
+    """A non-empty name (metadata key or tensor name) not seen before."""
+    name = r.text(what, limit)
+    if not name:
+        raise _Bad(if_empty)
+    if name in seen:
+        raise _Bad(f"duplicate {kind} {name!r}")
+    return name
+
+
 def _read_metadata(r: _Reader, n_kv: int) -> _KV:
     kv: _KV = {}
     for i in range(n_kv):
-        key = r.text(f"key of metadata entry {i}", MAX_KEY_BYTES)
-        if not key:
-            raise _Bad(f"metadata entry {i} has an empty key")
-        if key in kv:
-            raise _Bad(f"duplicate metadata key {key!r}")
+        key = _new_name(r, kv, f"key of metadata entry {i}", MAX_KEY_BYTES,
+                        f"metadata entry {i} has an empty key", "metadata key")
         vtype = r.scalar(_U32, f"type of {key!r}")
         kv[key] = (vtype, _read_value(r, key, vtype))
     return kv
@@ -290,11 +297,8 @@ def _alignment(kv: _KV) -> int:
 def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> _Tensors:
     tensors: _Tensors = {}
     for i in range(n_tensors):
-        name = r.text(f"name of tensor {i}", MAX_TENSOR_NAME)
-        if not name:
-            raise _Bad(f"tensor {i} has an empty name")
-        if name in tensors:
-            raise _Bad(f"duplicate tensor name {name!r}")
+        name = _new_name(r, tensors, f"name of tensor {i}", MAX_TENSOR_NAME,
+                         f"tensor {i} has an empty name", "tensor name")
         n_dims = r.scalar(_U32, f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Bad(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")

@@ -30,14 +30,13 @@ static inline float mll_max(const float *x, int32_t n) {
     return v;
 }
 
-/* Index of the largest value, the first one on ties: the maximum by the
- * vectorised reduction, then a scan for where it is. */
-static inline int32_t mll_argmax(const float *x, int32_t n) {
-    const float m = mll_max(x, n);
+/* Index of the first entry equal to `v` (0 if none, e.g. only NaNs). With
+ * v = mll_max(x, n) this is the argmax, first one on ties. */
+static inline int32_t mll_index_of(const float *x, int32_t n, float v) {
     for (int32_t i = 0; i < n; ++i) {
-        if (x[i] == m) return i;
+        if (x[i] == v) return i;
     }
-    return 0;   /* only NaNs: nothing compares equal */
+    return 0;
 }
 
 /* exp(x) for x <= 0 to about 1e-7 relative: x = n*ln2 + r with |r| <= ln2/2,
@@ -63,9 +62,9 @@ static inline float mll__exp_nonpos(float x) {
     return p * scale;
 }
 
-/* log(sum(exp(x))) computed around the maximum so nothing overflows. */
-static inline double mll_logsumexp(const float *x, int32_t n) {
-    const float m = mll_max(x, n);
+/* log(sum(exp(x))) computed around `m`, the maximum of x (callers that also
+ * need the argmax compute the maximum once), so nothing overflows. */
+static inline double mll_logsumexp_from(const float *x, int32_t n, float m) {
     float acc[16] = {0};
     int32_t b, i, blocks = n / 16;
     double sum = 0.0;
