@@ -40,6 +40,7 @@ cdef struct Req:
     llama_token last
     bint pending_decode
     bint want_logprob
+    int32_t n_top                 # alternatives to report with each token (<= MLL_REC_TOP)
     bint parked
     int32_t out_idx               # row of its logits in the current batch, -1 if none
     int32_t n_in_batch            # tokens it has in the current batch
@@ -206,11 +207,20 @@ cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
     cdef float logprob = 0.0
     cdef int rc
     cdef mll_tok_rec * rec
+    cdef const float * logits
+    cdef int32_t i
     cdef llama_token tok = pick_token(e.ctx, r.out_idx, r.smpl, e.n_vocab, r.want_logprob, &lse)
     if tok < 0:
         return ERR_NO_LOGITS
+    rec = mll_ring_slot(r.ring)
+    rec.n_top = 0
     if r.want_logprob:
-        logprob = <float> (llama_get_logits_ith(e.ctx, r.out_idx)[tok] - lse)
+        logits = llama_get_logits_ith(e.ctx, r.out_idx)
+        logprob = <float> (logits[tok] - lse)
+        if r.n_top > 0:
+            rec.n_top = mll_topk(logits, e.n_vocab, r.n_top, rec.top_ids, rec.top_logprobs)
+            for i in range(rec.n_top):
+                rec.top_logprobs[i] = <float> (rec.top_logprobs[i] - lse)
     r.n_generated += 1
     r.pipe.out_len = 0
     if llama_vocab_is_eog(e.vocab, tok):
@@ -229,7 +239,6 @@ cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
         if r.finish != FIN_NONE and r.finish != FIN_STOP:
             pipe_flush(&r.pipe)
     # room was checked before the token joined the batch, and only we add records
-    rec = mll_ring_slot(r.ring)
     rec.token = tok
     rec.finish = r.finish
     rec.logprob = logprob
@@ -300,7 +309,8 @@ cdef class Request:
     cdef StopSet _stops
 
     def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
-                  bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab):
+                  bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab,
+                  int n_top=0):
         cdef Py_ssize_t n = prompt.shape[0]
         self.ring = ring
         self.r.n_prompt = <int32_t> n
@@ -312,6 +322,7 @@ cdef class Request:
         self.r.max_tokens = max_tokens
         self.r.n_ctx_limit = n_ctx_limit
         self.r.want_logprob = want_logprob
+        self.r.n_top = min(max(n_top, 0), MLL_REC_TOP) if want_logprob else 0
         self.r.out_idx = -1
         self.r.ring = &ring.r
         self._stops = StopSet(stops)

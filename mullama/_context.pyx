@@ -179,6 +179,7 @@ cdef int _produce(GenState * g, mll_ring * r) noexcept nogil:
     """The whole generation on a producer thread: prompt chunks, then one token per
     free ring slot. Returns 0, or -1 when a decode failed (details in ``g.err``)."""
     cdef int rc
+    cdef int32_t i
     cdef mll_tok_rec * rec
     while g.prefill_pos < g.n_prompt:
         if r.cancelled:
@@ -201,6 +202,10 @@ cdef int _produce(GenState * g, mll_ring * r) noexcept nogil:
         rec.token = g.token if g.finish != FIN_CANCELLED else -1
         rec.finish = g.finish
         rec.logprob = g.logprob if g.want_logprob else 0.0
+        rec.n_top = min(g.n_top, MLL_REC_TOP, g.n_vocab) if g.want_logprob and g.finish != FIN_CANCELLED else 0
+        for i in range(rec.n_top):
+            rec.top_ids[i] = g.top_ids[i]
+            rec.top_logprobs[i] = g.top_logprobs[i]
         if mll_ring_set_text(rec, g.pipe.out, <unsigned int> g.pipe.out_len) < 0:
             g.err = ERR_NOMEM
             return -1

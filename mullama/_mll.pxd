@@ -39,6 +39,7 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "mullama/mll_ring.h" nogil:
     enum: MLL_REC_INLINE
+    enum: MLL_REC_TOP
     ctypedef struct mll_tok_rec:
         int32_t token
         int32_t finish
@@ -46,6 +47,9 @@ cdef extern from "mullama/mll_ring.h" nogil:
         unsigned int text_len
         char text[MLL_REC_INLINE]
         char * heap_text
+        int32_t n_top
+        int32_t top_ids[MLL_REC_TOP]
+        float top_logprobs[MLL_REC_TOP]
     ctypedef struct mll_ring:
         unsigned int cap
         int wake_fd

@@ -42,7 +42,9 @@ cdef class TokenRing:
         return self.r.wake_fd
 
     def pop(self, bint will_wait=False):
-        """(token_id, text_bytes, finish_code, logprob), or EMPTY, or CLOSED.
+        """(token_id, text_bytes, finish_code, logprob, top), or EMPTY, or CLOSED.
+
+        ``top`` is a tuple of ``(token_id, logprob)`` alternatives, or None.
 
         With ``will_wait`` an EMPTY answer also asks the producer to signal
         ``fileno()`` when the next token is committed.
@@ -57,7 +59,10 @@ cdef class TokenRing:
             text = PyBytes_FromStringAndSize(rec.heap_text, rec.text_len)
         else:
             text = PyBytes_FromStringAndSize(rec.text, rec.text_len)
-        out = (rec.token, text, rec.finish, rec.logprob)
+        top = None
+        if rec.n_top > 0:
+            top = tuple([(rec.top_ids[i], rec.top_logprobs[i]) for i in range(rec.n_top)])
+        out = (rec.token, text, rec.finish, rec.logprob, top)
         mll_ring_release(&self.r)
         return out
 

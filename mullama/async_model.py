@@ -193,7 +193,7 @@ class AsyncModel:
             return None, int(ids.size)
         sampler = config.sampler_params().native(self._model.n_vocab, self._seed)
         request = Request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                          self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab)
+                          self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab, config.top_logprobs)
         self._engine.submit(request)
         return _BatchJob(request), int(ids.size)
 
@@ -218,7 +218,8 @@ class AsyncModel:
             ring = TokenRing(config.buffer_size)
             with ctx._lock:
                 ctx._begin_generation()
-                handle.begin(ids, config.max_tokens, sampler, list(config._stops), config.logprobs, 0,
+                handle.begin(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
+                             config.top_logprobs,
                              ctx.reuse_prefix)
             producer = _Producer(ctx, handle, ring)
             self._live.add(producer)

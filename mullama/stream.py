@@ -141,14 +141,14 @@ class _StreamState:
         return self._producer.ring.full_waits if self._producer else 0
 
     def _deliver(self, record: tuple) -> TokenData:
-        token, raw, finish, logprob = record
+        token, raw, finish, logprob, top = record
         index = self._count
         self._count += 1
         if finish:
             self.finish_reason = _FINISH.get(finish, "stop")
             self._finish()
         return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
-                         logprob if self._config.logprobs else None, None, index)
+                         logprob if self._config.logprobs else None, top, index)
 
     def _poll(self) -> tuple | None:
         """One look at the ring for a waiting consumer: a record, or None when the caller

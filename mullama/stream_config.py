@@ -11,6 +11,7 @@ from mullama.params import SamplerParams, check_max_tokens, normalize_stop
 __all__ = ["StreamConfig"]
 
 MAX_BUFFER = 1 << 16
+MAX_TOP_LOGPROBS = 20  # what one ring record has room for
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class StreamConfig:
     - ``sampler``: any other :class:`SamplerParams` settings (min_p,
       penalties, seed, logit bias); the three fields above override its own.
     - ``logprobs``: compute each token's log-probability (True).
+    - ``top_logprobs``: also report this many most likely alternatives with
+      each token, best first (0; at most 20; needs ``logprobs``).
 
     Derive a changed copy with ``config.replace(max_tokens=100)``.
     """
@@ -43,6 +46,7 @@ class StreamConfig:
     timeout_ms: int = 30000
     sampler: SamplerParams | None = None
     logprobs: bool = True
+    top_logprobs: int = 0
     _stops: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,12 +60,14 @@ class StreamConfig:
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"stop_sequences: {exc}") from None
         for name, low, high in (("stream_delay_ms", 0, 3_600_000), ("buffer_size", 1, MAX_BUFFER),
-                                ("timeout_ms", 0, 2**40)):
+                                ("timeout_ms", 0, 2**40), ("top_logprobs", 0, MAX_TOP_LOGPROBS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
             if not low <= value <= high:
                 raise ValueError(f"{name} must be within [{low}, {high}], got {value}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
         if self.sampler is not None and not isinstance(self.sampler, SamplerParams):
             raise TypeError("sampler must be a SamplerParams")
         self.sampler_params()  # validates temperature, top_k and top_p

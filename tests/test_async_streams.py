@@ -42,6 +42,22 @@ async def test_stream_matches_sync_generation(async_model, model):
     await wait_no_producers()
 
 
+async def test_top_logprobs_match_the_sync_path(async_model, model):
+    expected = list(mullama.Context(model, n_ctx=256).stream_tokens(
+        PROMPT, 6, mullama.SamplerParams(temperature=0), top_logprobs=5))
+    async with await async_model.generate_stream(PROMPT, GREEDY.replace(max_tokens=6, top_logprobs=5)) as stream:
+        got = [tok async for tok in stream]
+    assert len(got) == len(expected) == 6
+    for g, e in zip(got, expected):
+        assert [i for i, _ in g.top_logprobs] == [i for i, _ in e.top_logprobs]
+        assert [lp for _, lp in g.top_logprobs] == pytest.approx([lp for _, lp in e.top_logprobs], abs=1e-4)
+        assert g.top_logprobs[0] == (g.token_id, pytest.approx(g.logprob, abs=1e-6))  # greedy: the best one
+    with pytest.raises(ValueError, match="top_logprobs"):
+        StreamConfig(top_logprobs=21)
+    with pytest.raises(ValueError, match="logprobs"):
+        StreamConfig(top_logprobs=2, logprobs=False)
+
+
 async def test_next_try_next_and_async_with(async_model):
     async with await async_model.generate_stream(PROMPT, GREEDY) as stream:
         assert stream.config is GREEDY

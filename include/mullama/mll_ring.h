@@ -28,6 +28,8 @@ extern "C" {
 #endif
 
 #define MLL_REC_INLINE 48
+/* most alternatives a record carries (OpenAI allows up to 20) */
+#define MLL_REC_TOP 20
 
 typedef struct mll_tok_rec {
     int32_t token;
@@ -36,6 +38,9 @@ typedef struct mll_tok_rec {
     uint32_t text_len;
     char text[MLL_REC_INLINE];
     char *heap_text;      /* used when text_len > MLL_REC_INLINE; freed on release */
+    int32_t n_top;        /* alternatives filled in below, best first */
+    int32_t top_ids[MLL_REC_TOP];
+    float top_logprobs[MLL_REC_TOP];
 } mll_tok_rec;
 
 typedef struct mll_ring {
