@@ -72,6 +72,8 @@ cdef struct Engine:
     int stop
     int64_t n_decode_calls
     int64_t n_decoded_tokens
+    int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
+                                  # the engine thread (others read this, never llama.cpp itself)
 
 
 cdef c_bool _engine_abort(void * data) noexcept nogil:
@@ -88,9 +90,23 @@ cdef c_bool _engine_abort(void * data) noexcept nogil:
     return True
 
 
+cdef void _forget_seq(Engine * e, int seq) noexcept nogil:
+    """Free a sequence's KV cells and publish what llama.cpp now reports for it."""
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    llama_memory_seq_rm(mem, seq, -1, -1)
+    e.kv_pos[seq] = llama_memory_seq_pos_max(mem, seq)
+
+
+cdef void _publish_kv(Engine * e) noexcept nogil:
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    cdef int i
+    for i in range(e.n_slots):
+        e.kv_pos[i] = llama_memory_seq_pos_max(mem, i)
+
+
 cdef void _finish_req(Engine * e, int slot, int err) noexcept nogil:
     cdef Req * r = e.slots[slot]
-    llama_memory_seq_rm(llama_get_memory(e.ctx), r.seq, -1, -1)
+    _forget_seq(e, r.seq)
     e.slots[slot] = NULL
     e.n_active -= 1
     if err != ERR_NONE:
@@ -127,7 +143,7 @@ cdef void _admit(Engine * e) noexcept nogil:
         if r == NULL:
             return
         r.seq = i
-        llama_memory_seq_rm(llama_get_memory(e.ctx), i, -1, -1)
+        _forget_seq(e, i)
         e.slots[i] = r
         e.n_active += 1
 
@@ -246,7 +262,7 @@ cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
         return ERR_NOMEM
     if r.finish != FIN_NONE:
         # free the KV cells before the consumer can see the final token
-        llama_memory_seq_rm(llama_get_memory(e.ctx), r.seq, -1, -1)
+        _forget_seq(e, r.seq)
     mll_ring_commit(r.ring)
     if r.finish != FIN_NONE:
         _finish_req(e, slot, ERR_NONE)
@@ -294,11 +310,13 @@ cdef void _engine_loop(Engine * e) noexcept nogil:
         _reap(e)
         n = _build_batch(e)
         if n == 0:
+            _publish_kv(e)
             mll_bell_wait(&e.bell, seen)
             continue
         e.n_decode_calls += 1
         rc = llama_decode(e.ctx, e.batch)
         _after_decode(e, rc)
+        _publish_kv(e)
 
 
 cdef class Request:
@@ -378,6 +396,7 @@ cdef class BatchEngine:
     def __cinit__(self, ModelHandle model not None, int n_slots, int n_ctx_per_slot, int n_batch,
                   int n_threads, int flash_attn, int max_queue, int prefill_chunk):
         cdef llama_context_params params
+        cdef int i
         model.check_open()
         self.model = model
         self.n_ctx_per_slot = n_ctx_per_slot
@@ -411,9 +430,12 @@ cdef class BatchEngine:
         self.e.prefill_chunk = max(1, min(prefill_chunk, self.e.n_batch))
         self.e.n_slots = n_slots
         self.e.slots = <Req **> calloc(n_slots, sizeof(Req *))
+        self.e.kv_pos = <int32_t *> malloc(n_slots * sizeof(int32_t))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
-        if self.e.slots == NULL or self.e.batch.token == NULL:
+        if self.e.slots == NULL or self.e.kv_pos == NULL or self.e.batch.token == NULL:
             raise MemoryError()
+        for i in range(n_slots):
+            self.e.kv_pos[i] = -1
         self._thread = threading.Thread(target=self._run, name="mullama-engine", daemon=True)
         self._thread.start()
 
@@ -434,6 +456,8 @@ cdef class BatchEngine:
             self.e.batch.token = NULL
         free(self.e.slots)
         self.e.slots = NULL
+        free(self.e.kv_pos)
+        self.e.kv_pos = NULL
 
     def submit(self, Request req not None):
         """Queue ``req``; raises QueueFullError when ``max_queue`` requests already wait."""
@@ -514,7 +538,9 @@ cdef class BatchEngine:
         return self.e.n_decoded_tokens
 
     def used_positions(self) -> list:
-        """Largest cached position of each sequence (-1: its KV cells are free)."""
+        """Largest cached position of each sequence (-1: its KV cells are free), as llama.cpp's
+        memory API reported it to the engine thread after its last change; safe to call while
+        the engine decodes."""
         if self.e.ctx == NULL:
             return []
-        return [llama_memory_seq_pos_max(llama_get_memory(self.e.ctx), i) for i in range(self.e.n_slots)]
+        return [self.e.kv_pos[i] for i in range(self.e.n_slots)]
