@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Sequence
 
+from mullama import cli_serve, cli_store
+
 __all__ = ["main"]
 
 
@@ -28,11 +30,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mullama import Context, Model, SamplerParams, default_model_path
+    from mullama import Context, Model, SamplerParams, default_model_path, store
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     params = SamplerParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    path = args.model or default_model_path()
+    path = store.resolve(args.model) if args.model else default_model_path()
     with Model.load(path) as model, Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
         if args.chat:
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_run(sub)
+    cli_store.add_parsers(sub)
+    cli_serve.add_parsers(sub)
     return parser
 
 

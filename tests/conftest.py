@@ -45,3 +45,21 @@ def async_model(request, model_path):
                            batching=request.param == "batched")
     yield m
     m.close()
+
+
+@pytest.fixture(scope="session")
+def served_model(model_path):
+    """The batched AsyncModel behind the server tests (4 slots of 512 tokens)."""
+    m = mullama.AsyncModel(mullama.Model.load(model_path), n_ctx=512, n_parallel=4, max_queue=64)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def server(served_model):
+    from live_server import LiveServer
+    from mullama.server import ServerSettings
+
+    s = LiveServer(served_model, ServerSettings(port=0, max_tokens_cap=1024, max_body_bytes=1 << 20))
+    yield s
+    s.close()
