@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -52,11 +53,12 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             raise ApiError(400, "invalid Content-Length header") from None
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"the body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    async with aclosing(request.stream()) as body:  # closed at once when we stop early
+        async for chunk in body:
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"the body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
     if not total:
         raise ApiError(400, "the request has no body; send a JSON object")
     return parse_json(b"".join(chunks))
