@@ -16,6 +16,7 @@ from mullama.errors import (
     ClosedError,
     ContextOverflowError,
     DefaultModelMissingError,
+    DownloadError,
     GenerationError,
     ModelLoadError,
     ModelNotFoundError,
@@ -58,4 +59,5 @@ __all__ = [
     "TemplateError",
     "DefaultModelMissingError",
     "ClosedError",
+    "DownloadError",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
+    "DownloadError",
     "raise_for_decode",
 ]
 
@@ -76,6 +77,14 @@ class DefaultModelMissingError(MullamaError, LookupError):
 
 class ClosedError(MullamaError, RuntimeError):
     """A model or context was used after ``close()``."""
+
+
+class DownloadError(MullamaError, OSError):
+    """A model download failed: network, HTTP status, checksum, disk or a bad file."""
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 _DECODE_MESSAGES = {
