@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Sequence
 
-from mullama import cli_serve, cli_store
+from mullama import cli_bench, cli_serve, cli_store
 
 __all__ = ["main"]
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     cli_store.add_parsers(sub)
     cli_serve.add_parsers(sub)
+    cli_bench.add_parsers(sub)
     return parser
 
 

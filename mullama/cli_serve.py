@@ -71,3 +71,4 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
     print("mullama: stopped", file=sys.stderr, flush=True)
     return 0
+
