@@ -16,6 +16,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from mullama._llama cimport *
 from mullama._mll cimport *
@@ -72,6 +73,8 @@ cdef struct Engine:
     int stop
     int64_t n_decode_calls
     int64_t n_decoded_tokens
+    int64_t decode_ns             # time inside llama_decode
+    int64_t sample_ns             # time sampling and handing tokens out after each decode
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
 
@@ -299,9 +302,16 @@ cdef void _after_decode(Engine * e, int32_t rc) noexcept nogil:
                 _finish_req(e, i, err)
 
 
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 cdef void _engine_loop(Engine * e) noexcept nogil:
     cdef uint64_t seen
     cdef int32_t n, rc
+    cdef int64_t t0, t1
     while True:
         seen = mll_bell_seen(&e.bell)
         if e.stop:
@@ -314,9 +324,13 @@ cdef void _engine_loop(Engine * e) noexcept nogil:
             mll_bell_wait(&e.bell, seen)
             continue
         e.n_decode_calls += 1
+        t0 = _now_ns()
         rc = llama_decode(e.ctx, e.batch)
+        t1 = _now_ns()
         _after_decode(e, rc)
         _publish_kv(e)
+        e.decode_ns += t1 - t0
+        e.sample_ns += _now_ns() - t1
 
 
 cdef class Request:
@@ -536,6 +550,12 @@ cdef class BatchEngine:
     @property
     def n_decoded_tokens(self) -> int:
         return self.e.n_decoded_tokens
+
+    @property
+    def timing(self) -> dict:
+        """Seconds the engine thread spent inside llama_decode and after it (sampling,
+        text pipeline, hand-off), summed over all steps."""
+        return {"decode_s": self.e.decode_ns / 1e9, "sample_s": self.e.sample_ns / 1e9}
 
     def used_positions(self) -> list:
         """Largest cached position of each sequence (-1: its KV cells are free), as llama.cpp's

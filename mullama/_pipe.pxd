@@ -9,7 +9,7 @@ from libc.stdint cimport int32_t
 from mullama._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
                              llama_get_logits_ith, llama_sampler_sample)
 from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
-                           mll_stop, mll_stop_feed, mll_stop_flush, mll_max, mll_index_of,
+                           mll_stop, mll_stop_feed, mll_stop_flush, mll_max, mll_argmax,
                            mll_logsumexp_from)
 
 
@@ -39,11 +39,12 @@ cdef inline llama_token pick_token(llama_context * ctx, int32_t idx, llama_sampl
     cdef llama_token tok
     if logits == NULL:
         return -1
-    if smpl == NULL or want_logprob:
-        m = mll_max(logits, n_vocab)
     if smpl == NULL:
-        tok = mll_index_of(logits, n_vocab, m)
+        tok = mll_argmax(logits, n_vocab)   # one pass gives the maximum too
+        m = logits[tok]
     else:
+        if want_logprob:
+            m = mll_max(logits, n_vocab)
         tok = llama_sampler_sample(smpl, ctx, idx)
     if want_logprob:
         lse[0] = mll_logsumexp_from(logits, n_vocab, m)

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Python access to mullama's C text helpers (UTF-8 holdback, stop matcher).
+"""Python access to mullama's C helpers (UTF-8 holdback, stop matcher, logits reductions).
 
 The generation loop calls the same C functions directly without the GIL;
 these wrappers exist so the helpers can be used and tested on their own.
@@ -11,8 +11,20 @@ from libc.string cimport memcpy
 from mullama._mll cimport (
     mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush, mll_utf8_complete_len,
     mll_stop, mll_stop_workspace_len, mll_stop_init, mll_stop_reset, mll_stop_feed,
-    mll_stop_flush,
+    mll_stop_flush, mll_argmax, mll_max, mll_logsumexp_from,
 )
+
+
+def logits_argmax(const float[:] x not None):
+    """Index of the largest value, first one on ties (the greedy pick)."""
+    return mll_argmax(&x[0], x.shape[0]) if x.shape[0] else 0
+
+
+def logits_logsumexp(const float[:] x not None):
+    """log(sum(exp(x))), as the generation loop computes it for log-probabilities."""
+    if x.shape[0] == 0:
+        raise ValueError("empty row")
+    return mll_logsumexp_from(&x[0], x.shape[0], mll_max(&x[0], x.shape[0]))
 
 
 def utf8_complete_len(const unsigned char[:] data not None):

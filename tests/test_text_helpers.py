@@ -666,3 +666,27 @@ def test_pipeline_random():
         bstops = [s.encode() for s in stops]
         _check_pipeline(bstops, data, random_split(rng, data))
         _check_pipeline(bstops, data, [data[i : i + 1] for i in range(len(data))])
+
+
+# ---------------------------------------------------------------- logits reductions
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 33, 100, 4096, 262144])
+def test_logits_argmax_matches_numpy(n):
+    import numpy as np
+
+    from mullama._text import logits_argmax, logits_logsumexp
+
+    rng = np.random.default_rng(n)
+    for _ in range(5):
+        x = rng.normal(size=n).astype(np.float32)
+        assert logits_argmax(x) == int(np.argmax(x))
+        assert logits_logsumexp(x) == pytest.approx(float(np.log(np.exp(x.astype(np.float64)).sum())), rel=1e-6)
+    # ties: the first index wins, wherever the ties sit relative to the 16 lanes
+    x = np.zeros(n, dtype=np.float32)
+    for first in sorted({0, n // 3, n - 1}):
+        y = x.copy()
+        y[first:] = 1.0
+        assert logits_argmax(y) == first
+    y = np.full(n, -np.inf, dtype=np.float32)
+    y[-1] = -1e30
+    assert logits_argmax(y) == n - 1
