@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
+import anyio
+
 from mullama.async_model import AsyncModel
 from mullama.server.errors import api_error_from
 from mullama.server.metrics import Metrics
@@ -61,11 +63,12 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        self.stream.cancel()
-        await self.stream.aclose()
+        self.stream.cancel()  # no-op when it already ended; stops the decoder otherwise
         metrics = self._service.metrics
         metrics.active -= 1
         metrics.streams.inc(endpoint=self.endpoint, finish_reason=self.stream.finish_reason or "cancelled")
+        with anyio.CancelScope(shield=True):  # runs inside a cancelled response task, too
+            await self.stream.aclose()
 
     async def __aenter__(self) -> "Generation":
         return self
