@@ -173,3 +173,21 @@ def test_sse_client_disconnect_stops_generation(server, served_model):
     time.sleep(0.2)
     assert served_model.n_decode_calls == calls  # the engine is idle: nothing decodes for nobody
     assert all(p == -1 for p in served_model.kv_positions())
+
+
+def test_non_streaming_client_disconnect_stops_generation(server):
+    before = server.metrics()
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story."}],
+                       "max_tokens": 1000, "temperature": 0}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while server.metrics()["mullama_generated_tokens_total"] - before["mullama_generated_tokens_total"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()
+    after = server.wait_idle()
+    key = 'mullama_streams_total{endpoint="chat",finish_reason="cancelled"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["mullama_generated_tokens_total"] - before["mullama_generated_tokens_total"] < 300

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
+
+import anyio
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -150,6 +152,33 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], gen: Generation) -> AsyncI
         yield "data: [DONE]\n\n"
 
 
+async def _consume(request: Request, gen: Generation, take: Callable[[TokenData], None]) -> Response | None:
+    """Run a non-streaming generation to its end, feeding each token to ``take``.
+
+    Returns None when it completed, else the response to send: an error, or
+    nothing useful when the client disconnected meanwhile (that cancels the
+    generation at once instead of decoding for nobody).
+    """
+    gone = False
+    async with gen, anyio.create_task_group() as tg:
+        async def watch() -> None:
+            nonlocal gone
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            async for tok in gen:
+                take(tok)
+        except MullamaError as exc:
+            tg.cancel_scope.cancel()
+            return error_response(api_error_from(exc))
+        tg.cancel_scope.cancel()
+    return Response(status_code=499) if gone else None
+
+
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     try:
@@ -198,14 +227,15 @@ async def completions(request: Request) -> Response:
 
     legacy = _Legacy()
     parts = [prefix]
-    async with gen:
-        try:
-            async for tok in gen:
-                parts.append(tok.text)
-                if want_lp and tok.token_id >= 0:
-                    legacy.add(service, tok)
-        except MullamaError as exc:
-            return error_response(api_error_from(exc))
+
+    def take(tok: TokenData) -> None:
+        parts.append(tok.text)
+        if want_lp and tok.token_id >= 0:
+            legacy.add(service, tok)
+
+    failed = await _consume(request, gen, take)
+    if failed is not None:
+        return failed
     body = chunk("".join(parts), legacy.payload() if want_lp else None, _finish(gen.finish_reason))
     body["usage"] = _usage(gen)
     return JSONResponse(body)
@@ -260,14 +290,15 @@ async def chat_completions(request: Request) -> Response:
 
     parts: list[str] = []
     entries: list[dict[str, Any]] = []
-    async with gen:
-        try:
-            async for tok in gen:
-                parts.append(tok.text)
-                if want_lp and tok.token_id >= 0:
-                    entries.append(_Chat.logprob_entry(service, tok))
-        except MullamaError as exc:
-            return error_response(api_error_from(exc))
+
+    def take(tok: TokenData) -> None:
+        parts.append(tok.text)
+        if want_lp and tok.token_id >= 0:
+            entries.append(_Chat.logprob_entry(service, tok))
+
+    failed = await _consume(request, gen, take)
+    if failed is not None:
+        return failed
     return JSONResponse({
         "id": ident, "object": "chat.completion", "created": created, "model": model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
