@@ -14,10 +14,13 @@ traits), ``src/llama-model.cpp`` (hyper-parameters) and ``src/llama-vocab.cpp``.
 
 from __future__ import annotations
 
+import array
+import math
 import os
 import re
 import stat
 import struct
+import sys
 from typing import Any, BinaryIO, NamedTuple
 
 from mullama.errors import ModelLoadError, ModelNotFoundError
@@ -36,6 +39,9 @@ MAX_KEPT_STRING = 4096         # longer values (chat templates) are skipped, not
 MAX_DIMS = 4                   # GGML_MAX_DIMS
 MAX_LAYERS = 512               # LLAMA_MAX_LAYERS: llama.cpp asserts block_count <= this
 MAX_EXPERTS = 1024             # LLAMA_MAX_EXPERTS
+MAX_KEPT_ARRAY = 1024          # numeric arrays up to this length (per-layer values) are read
+TENSOR_ALIGNMENT = 32          # ggml's CPU buffers GGML_ASSERT this alignment of mmapped data
+INT32_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 _CHUNK = 1 << 20
 
@@ -64,8 +70,25 @@ _GGML_TYPES = {
     42: ("q2_0", 64, 18),
 }
 
+# Types ggml uses only for intermediate results or integer data: as a weight, the CPU matrix
+# product has no kernel for them (a segfault) and the binary ops abort.
+_NOT_WEIGHT_TYPES = frozenset((9, 15, 24, 25, 26, 27, 28))  # q8_1, q8_K, i8, i16, i32, i64, f64
+
 _ROPE_SCALING_TYPES = (b"none", b"linear", b"yarn", b"longrope")
 _SPECIAL_ID = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
+# Tokenizer models that load but leave llama.cpp without a tokenizer: tokenizing then aborts.
+_NO_TOKENIZER = (b"none", b"no_vocab")
+# llama.cpp's defaults per tokenizer model: BOS, EOS and SEP ids (None: no such token) and
+# whether it adds BOS / EOS (None: depends on the pre-tokenizer). It GGML_ASSERTs when it
+# must add a special token that the vocabulary lacks, so the effective ids are checked.
+_BPE = (11, 11, None, None, False)
+_TOKENIZER_DEFAULTS = {
+    b"llama": (1, 2, None, True, False), b"bert": (101, None, 102, True, False),
+    b"gpt2": _BPE, b"hybriddna": _BPE, b"whitespace": _BPE, b"gemma4": (None, None, None, True, False),
+    b"t5": (None, 1, None, False, True), b"rwkv": (None, None, None, False, False),
+    b"plamo2": (1, 2, None, False, False), b"test": (None, None, None, False, False),
+}
+_TOKEN_TYPE_BYTE = 6
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
@@ -78,7 +101,8 @@ class _Bad(Exception):
     """Internal: what is wrong with the file (turned into ModelLoadError)."""
 
 
-_Array = NamedTuple("_Array", [("etype", int), ("count", int)])  # elements are not kept
+# values: the elements of short numeric arrays (per-layer hyper-parameters), else None
+_Array = NamedTuple("_Array", [("etype", int), ("count", int), ("values", "tuple | None")])
 
 
 class _Reader:
@@ -87,6 +111,7 @@ class _Reader:
     def __init__(self, fh: BinaryIO, size: int) -> None:
         self.fh, self.size = fh, size
         self.buf, self.off, self.base = b"", 0, 0  # buf[off] is at file offset base + off
+        self.vocab: set[bytes] = set()  # the texts of tokenizer.ggml.tokens
 
     @property
     def pos(self) -> int:  # file offset of the next byte
@@ -142,9 +167,10 @@ class _Reader:
         except UnicodeDecodeError:
             raise _Bad(f"{what} {data[:80]!r} is not valid UTF-8") from None
 
-    def strings(self, count: int, what: str, unique: bool) -> None:
+    def strings(self, count: int, what: str, unique: bool) -> set[bytes]:
         """Skip ``count`` strings; with ``unique``, reject repeats as llama.cpp's vocabulary
-        does (after it renames "" to "[EMPTY_<id>]"). Hot loop: 262k tokens in real models."""
+        does (after it renames "" to "[EMPTY_<id>]") and return them as a set.
+        Hot loop: 262k tokens in real models."""
         seen: set[bytes] = set()
         unpack, buf, off = _U64.unpack_from, self.buf, self.off
         end = len(buf)
@@ -175,6 +201,7 @@ class _Reader:
             seen.add(tok)
             off += n
         self.off = off
+        return seen
 
 
 def validate_gguf_file(path: str) -> None:
@@ -231,7 +258,7 @@ def _check(r: _Reader) -> None:
     if data_start > MAX_HEADER_BYTES:
         raise _Bad(f"header is larger than {MAX_HEADER_BYTES >> 20} MiB")
     _check_tensor_ranges(tensors, data_start, r.size)
-    _check_vocab(kv, tensors)
+    _check_vocab(kv, tensors, r.vocab)
     _check_hparams(kv, tensors)
 
 
@@ -267,20 +294,35 @@ def _read_value(r: _Reader, key: str, vtype: int) -> Any:
     if etype == _T_ARRAY:  # llama.cpp rejects nested arrays; refusing them also bounds recursion
         raise _Bad(f"metadata {key!r} is an array of arrays, which llama.cpp does not support")
     left = r.size - r.pos
+    values = None
     if etype in _STRUCTS:
         size = _STRUCTS[etype].size
         if count > left // size:
             raise _Bad(f"array {key!r} claims {count} elements of {size} bytes, "
                        f"more than the {left} bytes left in the file")
-        r.skip(count * size, f"array {key!r}")
+        if key == "tokenizer.ggml.token_type" and etype == 5:  # read whole: tokenizer checks need it
+            r.need(count * 4, f"array {key!r}")
+            values = array.array("i", r.buf[r.off:r.off + count * 4])
+            if sys.byteorder == "big":
+                values.byteswap()
+            r.off += count * 4
+        elif count <= MAX_KEPT_ARRAY:
+            r.need(count * size, f"array {key!r}")
+            values = struct.unpack_from(f"<{count}{_SCALARS[etype][1][1]}", r.buf, r.off)
+            r.off += count * size
+        else:
+            r.skip(count * size, f"array {key!r}")
     elif etype == _T_STRING:
         if count > left // 8:  # each string needs at least its 8-byte length
             raise _Bad(f"array {key!r} claims {count} strings, more than the file can hold")
         # llama.cpp asserts (aborts) unless token texts are unique.
-        r.strings(count, key, unique=key == "tokenizer.ggml.tokens")
+        if key == "tokenizer.ggml.tokens":
+            r.vocab = r.strings(count, key, unique=True)
+        else:
+            r.strings(count, key, unique=False)
     else:
         raise _Bad(f"array {key!r} has unknown element type {etype}")
-    return _Array(etype, count)
+    return _Array(etype, count, values)
 
 
 def _alignment(kv: _KV) -> int:
@@ -316,6 +358,8 @@ def _read_tensor_infos(r: _Reader, n_tensors: int, alignment: int) -> _Tensors:
         if gtype not in _GGML_TYPES:
             raise _Bad(f"tensor {name!r} has unknown or removed ggml type {gtype}")
         type_name, block, type_size = _GGML_TYPES[gtype]
+        if gtype in _NOT_WEIGHT_TYPES:
+            raise _Bad(f"tensor {name!r} has type {type_name}, which llama.cpp cannot compute with")
         if shape[0] % block:
             raise _Bad(f"tensor {name!r} of type {type_name} has rows of {shape[0]} elements, "
                        f"not a multiple of its block size {block}")
@@ -330,6 +374,10 @@ def _check_tensor_ranges(tensors: _Tensors, data_start: int, size: int) -> None:
     # Sorted by offset, each tensor must end inside the file and before the next one starts.
     prev_end, prev_name = 0, ""
     for offset, nbytes, name in sorted((off, nb, name) for name, (_, off, nb) in tensors.items()):
+        if (data_start + offset) % TENSOR_ALIGNMENT:
+            # a general.alignment below 32 allows this, but mmapping it aborts in ggml
+            raise _Bad(f"data of tensor {name!r} starts at file offset {data_start + offset}, "
+                       f"not a multiple of {TENSOR_ALIGNMENT}")
         if data_start + offset + nbytes > size:
             raise _Bad(f"data of tensor {name!r} (bytes {data_start + offset} to {data_start + offset + nbytes}) "
                        f"runs past the end of the {size}-byte file")
@@ -338,7 +386,7 @@ def _check_tensor_ranges(tensors: _Tensors, data_start: int, size: int) -> None:
         prev_end, prev_name = offset + nbytes, name
 
 
-def _check_vocab(kv: _KV, tensors: _Tensors) -> None:
+def _check_vocab(kv: _KV, tensors: _Tensors, vocab: set[bytes]) -> None:
     """The vocabulary arrays, special-token ids and the embedding matrix agree on n_vocab."""
     n_vocab = None
     if "tokenizer.ggml.tokens" in kv:
@@ -356,6 +404,44 @@ def _check_vocab(kv: _KV, tensors: _Tensors) -> None:
     embd = tensors.get("token_embd.weight")
     if n_vocab is not None and embd is not None and (len(embd[0]) < 2 or embd[0][1] != n_vocab):
         raise _Bad(f"token_embd.weight has shape {embd[0]} but the vocabulary has {n_vocab} tokens")
+    if n_vocab is not None:
+        _check_tokenizer(kv, n_vocab, vocab)
+
+
+def _check_tokenizer(kv: _KV, n_vocab: int, vocab: set[bytes]) -> None:
+    """What llama.cpp's tokenizer asserts on (or throws through its C API) at run time."""
+    model = kv.get("tokenizer.ggml.model", (None, None))[1]
+    if model in _NO_TOKENIZER:
+        raise _Bad("tokenizer.ggml.model says the model has no tokenizer; mullama needs one")
+    if model == b"llama":
+        # SentencePiece falls back to byte tokens for unknown text; llama.cpp looks them up
+        # with unordered_map::at, and a missing one ends the process (std::out_of_range).
+        missing = [b for b in range(256) if b"<0x%02X>" % b not in vocab and bytes((b,)) not in vocab]
+        if missing:
+            raise _Bad(f"the SentencePiece vocabulary has no byte token for {len(missing)} byte(s), "
+                       f"e.g. <0x{missing[0]:02X}>")
+    types = kv.get("tokenizer.ggml.token_type", (None, None))[1]
+    if model == b"bert" and types is not None and _TOKEN_TYPE_BYTE in (types.values or ()):
+        raise _Bad("a WordPiece (bert) vocabulary has byte tokens, which llama.cpp aborts on")
+    if model not in _TOKENIZER_DEFAULTS:
+        return  # llama.cpp rejects unknown tokenizers itself
+    *ids, add_bos, add_eos = _TOKENIZER_DEFAULTS[model]
+    bos, eos, sep = (
+        _uint(kv, f"tokenizer.ggml.{name}_token_id") if f"tokenizer.ggml.{name}_token_id" in kv
+        else (default if default is not None and default < n_vocab else None)  # llama.cpp drops those
+        for name, default in zip(("bos", "eos", "seperator"), ids))
+    for key, default in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+        vtype, value = kv.get("tokenizer.ggml." + key, (7, default))
+        if vtype == 7 and value is not None and key == "add_bos_token":
+            add_bos = bool(value) or model == b"gemma4"  # llama.cpp forces BOS for gemma4
+        elif vtype == 7 and value is not None:
+            add_eos = bool(value)
+    if bos is None and add_bos is not False:
+        raise _Bad("the tokenizer adds a BOS token but the vocabulary has none (tokenizer.ggml.bos_token_id)")
+    if eos is None and add_eos:
+        raise _Bad("the tokenizer adds an EOS token but the vocabulary has none (tokenizer.ggml.eos_token_id)")
+    if model == b"bert" and sep is None:
+        raise _Bad("a WordPiece (bert) tokenizer needs a separator token (tokenizer.ggml.seperator_token_id)")
 
 
 def _check_hparams(kv: _KV, tensors: _Tensors) -> None:
@@ -382,16 +468,14 @@ def _check_hparams(kv: _KV, tensors: _Tensors) -> None:
         raise _Bad(f"{a}nextn_predict_layers {nextn} exceeds the block count {n_layer}")
 
     for key in ("context_length", "embedding_length"):
-        if _uint(kv, a + key) == 0:
-            raise _Bad(f"{a}{key} is 0")
+        value = _uint(kv, a + key)
+        if value == 0 or (value or 0) > INT32_MAX:  # llama.cpp returns them as int32
+            raise _Bad(f"{a}{key} is {value} (1 to 2^31-1 allowed)")
+    _check_floats(kv, a)
     n_embd, n_head = _uint(kv, a + "embedding_length"), _uint(kv, a + "attention.head_count")
-    # head_count 0 is how recurrent models (Mamba) say "no attention"; with attention tensors it is wrong.
-    if n_head == 0 and any(".attn_q." in n or ".attn_qkv." in n for n in tensors):
-        raise _Bad(f"{a}attention.head_count is 0 but the model has attention tensors")
-    if n_head and _uint(kv, a + "attention.head_count_kv") == 0:
-        raise _Bad(f"{a}attention.head_count_kv is 0")
     if n_head and n_embd and a + "attention.key_length" not in kv and n_embd % n_head:
         raise _Bad(f"{a}embedding_length {n_embd} is not divisible by attention.head_count {n_head}")
+    _check_heads(kv, a, tensors, n_layer)
 
     # Mirrors llama.cpp's GGML_ASSERTs on the expert (mixture-of-experts) counts.
     n_expert, n_used = _uint(kv, a + "expert_count") or 0, _uint(kv, a + "expert_used_count")
@@ -410,6 +494,64 @@ def _check_hparams(kv: _KV, tensors: _Tensors) -> None:
     scaling = kv.get(a + "rope.scaling.type", (_T_STRING, b"linear"))[1]
     if scaling not in _ROPE_SCALING_TYPES:  # also rejects non-strings
         raise _Bad(f"{a}rope.scaling.type {scaling!r} is not one of none, linear, yarn, longrope")
+
+
+def _check_floats(kv: _KV, a: str) -> None:
+    """Float hyper-parameters are finite; epsilons are >= 0 (ggml's norm kernels assert it)."""
+    for key, (vtype, value) in kv.items():
+        if not key.startswith(a):
+            continue
+        if vtype == _T_ARRAY:
+            if value.etype not in (6, 12) or value.values is None:
+                continue
+            values = value.values
+        elif vtype in (6, 12):
+            values = (value,)
+        else:
+            continue
+        for v in values:
+            if not math.isfinite(v) or (v < 0 and key.endswith("epsilon")):
+                raise _Bad(f"{key} is {v}, not a finite{' non-negative' * key.endswith('epsilon')} number")
+
+
+def _check_heads(kv: _KV, a: str, tensors: _Tensors, n_layer: int | None) -> None:
+    """Layers with attention tensors need heads, and their query heads must be a multiple of
+    their KV heads (ggml's matrix product asserts that it can broadcast them). Layers without
+    attention (the recurrent layers of hybrid models) may have 0 heads."""
+    heads = _per_layer(kv, a + "attention.head_count", n_layer)
+    kv_heads = _per_layer(kv, a + "attention.head_count_kv", n_layer) or heads
+    if not heads:
+        return
+    attn_layers = {int(m.group(1)) for m in map(_LAYER.match, tensors)
+                   if m and any(p in m.string for p in (".attn_q.", ".attn_k.", ".attn_qkv."))}
+    per_layer = max(len(heads), len(kv_heads)) > 1
+    for i in range(max(len(heads), len(kv_heads))):
+        if not (i in attn_layers if per_layer else attn_layers):
+            continue
+        h, k = heads[min(i, len(heads) - 1)], kv_heads[min(i, len(kv_heads) - 1)]
+        where = f" for layer {i}" if per_layer else ""
+        if h == 0:  # 0 is how recurrent models say "no attention"; with attention tensors it is wrong
+            raise _Bad(f"{a}attention.head_count is 0{where}, but there are attention tensors")
+        if k == 0:
+            raise _Bad(f"{a}attention.head_count_kv is 0{where}, but there are attention tensors")
+        if h % k:
+            raise _Bad(f"{a}attention.head_count {h} is not a multiple of head_count_kv {k}{where}")
+
+
+def _per_layer(kv: _KV, key: str, n_layer: int | None) -> list[int]:
+    """A scalar as a one-element list, a per-layer array as its values; [] when absent or
+    when llama.cpp will reject the array's length itself."""
+    if key not in kv:
+        return []
+    vtype, value = kv[key]
+    if vtype != _T_ARRAY:
+        scalar = _uint(kv, key)
+        return [] if scalar is None else [scalar]
+    if value.etype not in _INT_TYPES or value.values is None or value.count != n_layer:
+        return []
+    if any(v < 0 for v in value.values):
+        raise _Bad(f"{key} has a negative entry")
+    return list(value.values)
 
 
 def _array_len(kv: _KV, key: str, etypes: tuple[int, ...]) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from mullama import errors
 from mullama._model import ModelHandle
+from mullama.chat_template import looks_like_jinja, render_chat_template
 from mullama.gguf_check import validate_gguf_file
 
 __all__ = ["Model"]
@@ -29,6 +30,12 @@ def as_token_array(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarra
         raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
+    if arr.dtype == object or (arr.dtype.kind == "f" and not isinstance(ids, np.ndarray)):
+        # Python ints past int64 (or int64 mixed with uint64, which numpy turns into float64)
+        # are ids out of range, not ids of the wrong type
+        for i, v in enumerate(ids if isinstance(ids, (list, tuple)) else arr.tolist()):
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and not 0 <= v < n_vocab:
+                raise IndexError(f"{what}: id {v} at position {i} is outside the vocabulary [0, {n_vocab})")
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
     bad = np.flatnonzero((arr < 0) | (arr >= n_vocab))
@@ -204,7 +211,14 @@ class Model:
 
     def is_eog(self, token_id: int) -> bool:
         """True for end-of-generation tokens (EOS, end-of-turn, ...)."""
-        return self._handle.is_eog(int(token_id))
+        return self._handle.is_eog(self._token_id(token_id))
+
+    def _token_id(self, token_id: int) -> int:
+        """``token_id`` as an int in the vocabulary; IndexError (not OverflowError) when outside."""
+        tok = int(token_id)
+        if not 0 <= tok < self.n_vocab:
+            raise IndexError(f"token id {tok} is outside the vocabulary [0, {self.n_vocab})")
+        return tok
 
     # ------------------------------------------------------------ text
 
@@ -235,26 +249,40 @@ class Model:
 
     def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
         """Bytes of one token (may be part of a UTF-8 character)."""
-        return self._handle.token_to_piece(int(token_id), bool(special))
+        return self._handle.token_to_piece(self._token_id(token_id), bool(special))
 
     def apply_chat_template(
         self,
-        messages: Iterable[Mapping[str, str]],
+        messages: Iterable[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: list[Any] | None = None,
+        **template_kwargs: Any,
     ) -> str:
         """Render chat ``messages`` (dicts with ``role`` and ``content``) into a prompt.
 
-        Uses llama.cpp's built-in implementations of the common templates,
-        chosen from the model's stored template (or ``template``); no Jinja code
-        from the model file is executed. Raises :class:`TemplateError` when the
-        template is unknown or missing.
+        The template is ``template`` if given, else the model's own
+        (``tokenizer.chat_template``). Jinja source is rendered in mullama's
+        sandbox (:mod:`mullama.chat_template`: no access to Python internals,
+        bounded time and output), with ``bos_token`` / ``eos_token`` from the
+        vocabulary and ``tools`` and ``template_kwargs`` as extra globals. A
+        template name (``'chatml'``, ``'llama3'``, ``'gemma'``, ...) or a model
+        without a template uses llama.cpp's built-in implementation, chosen
+        by architecture for files that carry none. Raises
+        :class:`TemplateError` when the template fails or is unknown.
         """
         tmpl = template if template is not None else (self.chat_template or self._builtin_template())
         if not tmpl:
             raise errors.TemplateError(
                 "the model has no chat template; pass template=... (Jinja source, or the name of a "
                 "llama.cpp built-in template such as 'chatml', 'llama3' or 'gemma')")
+        if looks_like_jinja(tmpl):
+            return render_chat_template(
+                tmpl, messages, add_generation_prompt=bool(add_generation_prompt),
+                bos_token=self._special_text(self.bos_token_id), eos_token=self._special_text(self.eos_token_id),
+                tools=tools, **template_kwargs)
+        if tools is not None or template_kwargs:
+            raise errors.TemplateError(f"the built-in template {tmpl!r} takes no tools or extra arguments")
         pairs: list[tuple[bytes, bytes]] = []
         for i, msg in enumerate(messages):
             if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
@@ -267,3 +295,6 @@ class Model:
             pairs.append((role.encode("utf-8"), content.encode("utf-8")))
         out = self._handle.apply_chat_template(tmpl.encode("utf-8"), pairs, bool(add_generation_prompt))
         return out.decode("utf-8", "replace")
+
+    def _special_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.token_to_piece(token_id, special=True).decode("utf-8", "replace")

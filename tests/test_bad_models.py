@@ -80,7 +80,7 @@ def merge_length_past_eof() -> bytes:
 
 
 # id -> (builder of the file's bytes, a fragment the error message must contain)
-CASES: dict[str, tuple[Callable[[], bytes], str]] = {
+CASES: dict[str, tuple[Callable[[], bytes], str | tuple[str, ...]]] = {
     # basic
     "empty": (lambda: b"", "too short"),
     "3-bytes": (lambda: b"GGU", "too short"),
@@ -136,7 +136,8 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "removed-ggml-type-q4_2": (lambda: gf.patch(tiny(), tensor(0).type_off, "<I", 4), "ggml type 4"),
     "removed-ggml-type-q4_0_4_4": (lambda: gf.patch(tiny(), tensor(0).type_off, "<I", 31), "ggml type 31"),
     "row-not-multiple-of-block": (lambda: gf.patch(tiny(), tensor(1).type_off, "<I", 12), "block size 256"),
-    "tensor-too-small-for-type": (lambda: gf.patch(tiny(), tensor(-1).type_off, "<I", 28), "past the end"),
+    "tensor-too-small-for-type": (lambda: gf.patch(tiny(), tensor(-1).type_off, "<I", 28),
+                                  ("past the end", "cannot compute with")),
     "tensor-offset-past-eof": (lambda: gf.patch(tiny(), tensor(-1).offset_off, "<Q", 2**40), "past the end"),
     "tensor-offset-2^64-32": (lambda: gf.patch(tiny(), tensor(3).offset_off, "<Q", 2**64 - 32), "past the end"),
     "overlapping-tensors": (lambda: gf.patch(tiny(), tensor(2).offset_off, "<Q", tensor(1).offset), "overlap"),
@@ -383,7 +384,8 @@ def test_validator_accepts_variants_llama_cpp_allows(tmp_path: Path) -> None:
         gf.tiny_model_bytes(kv={"tokenizer.ggml.scores": ([0] * gf.N_VOCAB, VT.ARRAY)}),
         gf.tiny_model_bytes(kv={"tokenizer.ggml.scores": None, "tokenizer.ggml.token_type": None}),
         gf.tiny_model_bytes(kv={"llama.attention.key_length": (16, VT.UINT32),
-                                "llama.attention.head_count": (5, VT.UINT32)}),
+                                "llama.attention.head_count": (5, VT.UINT32),
+                                "llama.attention.head_count_kv": (1, VT.UINT32)}),
         gf.tiny_model_bytes(kv={"llama.rope.scaling.type": ("yarn", VT.STRING)}),
         gf.tiny_model_bytes(kv={"tokenizer.ggml.merges": (["a b", "c d"] * 5000, VT.ARRAY),
                                 "tokenizer.chat_template": ("{{ x }}" * 20000, VT.STRING)}),
