@@ -32,6 +32,7 @@ import datetime
 import functools
 import json
 import re
+import string
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
@@ -354,8 +355,15 @@ class _SandboxedTemplates(ImmutableSandboxedEnvironment):
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         return _Guards(self).visit(super()._parse(source, name, filename))
 
-    def wrap_str_format(self, value: Any) -> None:
-        return None  # no str.format / format_map: field widths could build huge strings
+    def wrap_str_format(self, value: Any) -> Any:
+        """``str.format`` / ``format_map`` through Jinja's sandboxed formatter, refusing field
+        widths of 1000 or more and computed widths (``{:{}}``), which could build huge strings."""
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+            for _, field, spec, _ in string.Formatter().parse(owner):
+                if field is not None and spec and ("{" in spec or re.search(r"\d{4,}", spec)):
+                    raise TemplateError(f"format field {{{field}:{spec}}}: widths of 1000 or more are not allowed")
+        return super().wrap_str_format(value)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if attr.startswith("_"):

@@ -60,9 +60,10 @@ def test_hugging_face_globals_and_extensions() -> None:
     tmpl = ("{{ tools is none }}|{{ enable_thinking }}|{{ strftime_now('%Y') | length }}|"
             "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}|"
             "{% generation %}{{ eos_token }}{% endgeneration %}|{{ messages | map(attribute='role') | join(',') }}|"
-            "{{ messages[1].content.strip().upper() }}|{{ {'a': [1, 2]} | tojson }}|{{ '%s-%d' % ('a', 3) }}")
+            "{{ messages[1].content.strip().upper() }}|{{ {'a': [1, 2]} | tojson }}|{{ '%s-%d' % ('a', 3) }}|"
+            "{{ '<tok{}>'.format(1) }}")
     out = render_chat_template(tmpl, MESSAGES[:2], eos_token="</s>", enable_thinking=False)
-    assert out == 'True|False|4|system|</s>|system,user|HI THERE|{"a": [1, 2]}|a-3'
+    assert out == 'True|False|4|system|</s>|system,user|HI THERE|{"a": [1, 2]}|a-3|<tok1>'
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert render_chat_template("{{ tools[0].function.name }}", [], tools=tools) == "f"
 
@@ -119,8 +120,9 @@ ESCAPES = {
     "config-items": "{{ config.items() }}",
     "getitem-dunder": "{{ messages['__class__'] }}",
     "str-format-attribute": "{{ '{0.__class__.__init__.__globals__}'.format(messages) }}",
-    "format-map": "{{ '{x}'.format_map(messages) }}",
-    "indirect-format": "{% set f = ''.format %}{{ f('{0.__class__}', 1) }}",
+    "format-map": "{{ '{x.__class__}'.format_map({'x': messages}) }}",
+    "indirect-format": "{% set f = '{0.__class__.__base__}'.format %}{{ f(1) }}",
+    "format-index-dunder": "{{ '{0[__class__]}'.format({'__class__': 1}) }}",
     "list-append": "{{ messages.append(1) }}",
     "dict-update": "{{ messages[0].update({'role': 'x'}) }}",
     "dict-pop": "{{ messages[0].pop('role') }}",
@@ -159,6 +161,8 @@ BOMBS = {
     "fan-out-macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
                       "{{ f(60) }}"),
     "printf-width": "{{ '%0999999999d' % 1 }}",
+    "str-format-width": "{{ '{:>999999999}'.format(1) }}",
+    "str-format-computed-width": "{{ '{:>{}}'.format(1, 999999999) }}",
     "printf-star-width": "{{ '%*d' % (999999999, 1) }}",
     "format-filter-width": "{{ '%999999999s'|format('x') }}",
     "replace-empty": "{{ ('a' * 100000).replace('', 'b' * 100000) }}",
