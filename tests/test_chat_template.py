@@ -148,7 +148,8 @@ BOMBS = {
     "string-times-10^9": "{{ 'a' * 10**9 }}",
     "list-times-10^8": "{{ [0] * 100000000 }}",
     "int-power": "{{ 2 ** 100000000 }}",
-    "int-product-loop": "{% set ns = namespace(n=3) %}{% for i in range(100) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+    "int-product-loop": ("{% set ns = namespace(n=3) %}{% for i in range(100) %}{% set ns.n = ns.n * ns.n %}"
+                         "{% endfor %}"),
     "concat-doubling": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
                         "{% endfor %}{{ ns.s|length }}"),
     "plus-doubling": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
