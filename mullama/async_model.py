@@ -25,6 +25,7 @@ Prompt = str | Iterable[int]
 
 # engines still running at interpreter exit are stopped before the model is freed
 _running_engines: "weakref.WeakSet[BatchEngine]" = weakref.WeakSet()
+_TOKENIZE_OFF_LOOP = 8192  # characters: longer prompts are tokenized in a worker thread
 
 
 @atexit.register
@@ -205,6 +206,9 @@ class AsyncModel:
         decoding happen off the event loop.
         """
         config = self._check(config)
+        if isinstance(prompt, (str, bytes)) and len(prompt) > _TOKENIZE_OFF_LOOP:
+            # tokenizing a long text takes a while: not on the event loop's thread
+            prompt = await anyio.to_thread.run_sync(prompt_ids, self._model, prompt, self._n_ctx)
         if self._engine is not None:
             job, n_prompt = self._submit(prompt, config)
             return TokenStream(config, job, None, n_prompt)

@@ -293,3 +293,23 @@ async def test_kv_cells_are_freed_after_every_stream(async_model):
     await stream.next()
     await stream.aclose()
     assert max(async_model.kv_positions()) == -1
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop(async_model, model):
+    text = ("a" + " " * 30) * 300  # 9,300 characters in ~600 tokens: tokenized in a worker thread
+    loop_thread = threading.get_ident()
+    seen = []
+    original = mullama.Model.tokenize
+
+    def spy(self, *args, **kwargs):
+        seen.append(threading.get_ident())
+        return original(self, *args, **kwargs)
+
+    mullama.Model.tokenize = spy
+    try:
+        async with await async_model.generate_stream(text, GREEDY.replace(max_tokens=2)) as stream:
+            got = [t async for t in stream]
+    finally:
+        mullama.Model.tokenize = original
+    assert len(got) == 2 and stream.prompt_tokens == len(model.tokenize(text, parse_special=True))
+    assert seen and loop_thread not in seen

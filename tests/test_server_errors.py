@@ -46,6 +46,7 @@ BAD_BODIES = [
     ("/stream", json.dumps({"prompt": "x", "stop": ["a"] * 100_000}).encode(), 400, "at most 64"),
     ("/stream", json.dumps({"prompt": "x", "stop": ["a" * 2000]}).encode(), 400, "longer than"),
     ("/stream", json.dumps({"prompt": "word " * 2000}).encode(), 400, "context"),
+    ("/stream", json.dumps({"prompt": "\n \t" * 200_000}).encode(), 400, "characters"),
     ("/v1/completions", json.dumps({"prompt": [1, 2, 10**9]}).encode(), 400, "outside the vocabulary"),
     ("/v1/completions", json.dumps({"prompt": {"a": 1}}).encode(), 400, "'prompt' must be"),
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 50}).encode(), 400, "'logprobs'"),

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import anyio
 
 from mullama.async_model import AsyncModel
-from mullama.server.errors import api_error_from
+from mullama.server.errors import ApiError, api_error_from
 from mullama.server.metrics import Metrics
 from mullama.server.settings import ServerSettings
 from mullama.stream import TokenStream
@@ -16,6 +16,9 @@ from mullama.stream_config import StreamConfig
 from mullama.types import TokenData
 
 __all__ = ["Service", "Generation"]
+
+# generous: real text averages 3-5 characters per token
+CHARS_PER_TOKEN_BOUND = 16
 
 
 class Generation:
@@ -95,8 +98,17 @@ class Service:
                                lambda: model.active_streams)
         self.metrics.add_gauge("mullama_decode_calls", "llama_decode calls so far.", lambda: model.n_decode_calls)
 
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.settings.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.model.n_ctx
+
     async def start(self, prompt: str | list[int], config: StreamConfig, endpoint: str) -> Generation:
         """Start a generation, or raise the :class:`ApiError` that explains why not."""
+        limit = self.max_prompt_chars
+        if isinstance(prompt, str) and len(prompt) > limit:
+            raise ApiError(400, f"the prompt has {len(prompt)} characters; this server takes at most {limit} "
+                                f"(its context holds {self.model.n_ctx} tokens)",
+                           param="prompt", code="context_length_exceeded")
         try:
             stream = await self.model.generate_stream(prompt, config)
         except Exception as exc:  # noqa: BLE001 - each kind maps to an HTTP answer

@@ -21,6 +21,9 @@ class ServerSettings:
     - ``max_ws_message_bytes``: larger WebSocket messages close the socket (1009).
     - ``stream_timeout_ms``: bound on one generation (0 = none).
     - ``buffer_size``: tokens a stream may hold unread before decoding pauses.
+    - ``max_prompt_chars``: longer prompts get a 400 before they are tokenized
+      (None: 16 characters per token of the context). A prompt that long could
+      not fit anyway, and llama.cpp's tokenizer is slow on huge inputs.
     """
 
     host: str = "127.0.0.1"
@@ -33,6 +36,7 @@ class ServerSettings:
     max_ws_message_bytes: int = 1 << 20
     stream_timeout_ms: int = 600_000
     buffer_size: int = 32
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "default_max_tokens", "max_body_bytes", "max_ws_message_bytes",
