@@ -12,16 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mullama
 
 SCALE = float(os.environ.get("MULLAMA_SOAK_SCALE", "0.04"))
 
 
+@pytest.mark.timeout(300 + int(3600 * SCALE))
 def test_soak_keeps_memory_fds_and_threads_flat(model_path):
     root = str(Path(mullama.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("soak_worker.py")), model_path, str(SCALE)],
-                          capture_output=True, text=True, timeout=3600, env=env)
+                          capture_output=True, text=True, timeout=240 + int(3600 * SCALE), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GGML_ASSERT" not in proc.stderr and "terminate called" not in proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
