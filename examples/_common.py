@@ -7,6 +7,9 @@ MULLAMA_EXAMPLE_MAX_TOKENS caps every generation (the tests set it low).
 from __future__ import annotations
 
 import os
+import signal
+
+import trio
 
 from mullama import default_model_path
 
@@ -18,3 +21,10 @@ def model_path() -> str:
 def cap(n: int) -> int:
     limit = os.environ.get("MULLAMA_EXAMPLE_MAX_TOKENS")
     return min(n, int(limit)) if limit else n
+
+
+async def until_interrupted() -> None:
+    """Returns at Ctrl+C (or SIGTERM): a server given it as its shutdown trigger stops gracefully."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 from functools import partial
 
 import trio
-from _common import cap, model_path
+from _common import cap, model_path, until_interrupted
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
@@ -53,13 +52,6 @@ async def stream(request: Request) -> Response:
 
 
 app = Starlette(routes=[Route("/stream", stream, methods=["POST"])])
-
-
-async def until_interrupted() -> None:
-    """Returns at Ctrl+C (or SIGTERM): the server then shuts down gracefully."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
 
 
 async def main(port: int) -> None:

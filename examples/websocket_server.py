@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 from functools import partial
 
 import trio
-from _common import cap, model_path
+from _common import cap, model_path, until_interrupted
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
@@ -49,13 +48,6 @@ async def handle_client(ws: WebSocket) -> None:
 
 
 app = Starlette(routes=[WebSocketRoute("/ws", handle_client)])
-
-
-async def until_interrupted() -> None:
-    """Returns at Ctrl+C (or SIGTERM): the server then shuts down gracefully."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
 
 
 async def main(port: int) -> None:

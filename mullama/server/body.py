@@ -71,12 +71,8 @@ class Fields:
         self.body = body
         self.settings = settings
 
-    def _get(self, name: str) -> Any:
-        value = self.body.get(name)
-        return value
-
     def text(self, name: str, *, required: bool = False, default: str | None = None) -> str | None:
-        value = self._get(name)
+        value = self.body.get(name)
         if value is None:
             if required:
                 raise ApiError(400, f"'{name}' is required", param=name)
@@ -86,7 +82,7 @@ class Fields:
         return value
 
     def boolean(self, name: str, default: bool = False) -> bool:
-        value = self._get(name)
+        value = self.body.get(name)
         if value is None:
             return default
         if not isinstance(value, bool):
@@ -94,7 +90,7 @@ class Fields:
         return value
 
     def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
-        value = self._get(name)
+        value = self.body.get(name)
         if value is None:
             return default
         if isinstance(value, float) and value.is_integer():
@@ -106,7 +102,7 @@ class Fields:
         return value
 
     def number(self, name: str, default: float | None, low: float, high: float) -> float | None:
-        value = self._get(name)
+        value = self.body.get(name)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -120,7 +116,7 @@ class Fields:
         """The first of ``names`` present (OpenAI has two spellings), checked against the cap."""
         cap = self.settings.max_tokens_cap
         for name in names:
-            if self._get(name) is not None:
+            if self.body.get(name) is not None:
                 value = self.integer(name, None, 1, 2**31 - 1)
                 assert value is not None
                 if value > cap:
@@ -130,7 +126,7 @@ class Fields:
         return min(self.settings.default_max_tokens, cap)
 
     def stop(self, name: str = "stop") -> tuple[str, ...]:
-        value = self._get(name)
+        value = self.body.get(name)
         if value is None:
             return ()
         if isinstance(value, str):

@@ -83,7 +83,6 @@ class _Session:
         self.service = service
         self.pending: deque[dict[str, Any]] = deque()
         self.arrived = anyio.Event()
-        self.closed = False
         self.current: anyio.CancelScope | None = None
 
     async def send(self, payload: dict[str, Any]) -> None:
@@ -122,7 +121,6 @@ class _Session:
                 self.arrived.set()
         except WebSocketDisconnect:
             pass
-        self.closed = True
         done.cancel()  # stops the writer, and with it any generation it runs
 
     async def write_loop(self) -> None:
