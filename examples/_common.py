@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 
 import trio
 
@@ -28,3 +29,20 @@ async def until_interrupted() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             return
+
+
+async def serve_app(app, label: str, port: int, scheme: str = "http", path: str = "") -> None:
+    """Load the model into ``app.state.model`` and serve ``app`` on 127.0.0.1:``port`` (Hypercorn's
+    trio worker) until Ctrl+C; prints the address once listening (port 0 picks a free one)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from mullama import AsyncModel
+
+    model = app.state.model = await AsyncModel.load(model_path(), n_ctx=4096, n_parallel=4)
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    async with model, trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=until_interrupted))
+        address = binds[0].replace("http", scheme, 1)
+        print(f"{label} on {address}{path}", flush=True)

@@ -15,15 +15,13 @@ import json
 from functools import partial
 
 import trio
-from _common import cap, model_path, until_interrupted
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from _common import cap, serve_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mullama import AsyncModel, MullamaError, StreamConfig
+from mullama import MullamaError, StreamConfig
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
@@ -54,17 +52,8 @@ async def stream(request: Request) -> Response:
 app = Starlette(routes=[Route("/stream", stream, methods=["POST"])])
 
 
-async def main(port: int) -> None:
-    model = app.state.model = await AsyncModel.load(model_path(), n_ctx=4096, n_parallel=4)
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    async with model, trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=until_interrupted))
-        print(f"SSE server on {binds[0]}", flush=True)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=3000)
-    trio.run(main, parser.parse_args().port)
+    trio.run(partial(serve_app, app, "SSE server", parser.parse_args().port))
     print("stopped")

@@ -16,14 +16,12 @@ import json
 from functools import partial
 
 import trio
-from _common import cap, model_path, until_interrupted
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from _common import cap, serve_app
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from mullama import AsyncModel, MullamaError, StreamConfig
+from mullama import MullamaError, StreamConfig
 
 async def handle_client(ws: WebSocket) -> None:
     await ws.accept()
@@ -50,17 +48,8 @@ async def handle_client(ws: WebSocket) -> None:
 app = Starlette(routes=[WebSocketRoute("/ws", handle_client)])
 
 
-async def main(port: int) -> None:
-    model = app.state.model = await AsyncModel.load(model_path(), n_ctx=4096, n_parallel=4)
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    async with model, trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=until_interrupted))
-        print(f"WebSocket server on {binds[0].replace('http', 'ws')}/ws", flush=True)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8765)
-    trio.run(main, parser.parse_args().port)
+    trio.run(partial(serve_app, app, "WebSocket server", parser.parse_args().port, scheme="ws", path="/ws"))
     print("stopped")
