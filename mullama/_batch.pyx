@@ -77,6 +77,9 @@ cdef struct Engine:
     int64_t sample_ns             # time sampling and handing tokens out after each decode
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
+    mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
+    mll_row_job * jobs            # one per slot with logits this step
+    int * job_slot                # the slot of each job
 
 
 cdef c_bool _engine_abort(void * data) noexcept nogil:
@@ -220,26 +223,26 @@ cdef int32_t _build_batch(Engine * e) noexcept nogil:
     return n
 
 
-cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
+cdef int _sample_and_push(Engine * e, int slot, mll_row_job * job) noexcept nogil:
+    """Choose the slot's token from its row (whose statistics ``job`` holds), run the text
+    pipeline and hand the token to the ring."""
     cdef Req * r = e.slots[slot]
-    cdef double lse = 0.0
     cdef float logprob = 0.0
     cdef int rc
     cdef mll_tok_rec * rec
-    cdef const float * logits
     cdef int32_t i
-    cdef llama_token tok = pick_token(e.ctx, r.out_idx, r.smpl, e.n_vocab, r.want_logprob, &lse)
-    if tok < 0:
-        return ERR_NO_LOGITS
+    cdef llama_token tok
+    if r.smpl == NULL:
+        tok = job.argmax
+    else:
+        tok = llama_sampler_sample(r.smpl, e.ctx, r.out_idx)
     rec = mll_ring_slot(r.ring)
     rec.n_top = 0
     if r.want_logprob:
-        logits = llama_get_logits_ith(e.ctx, r.out_idx)
-        logprob = <float> (logits[tok] - lse)
-        if r.n_top > 0:
-            rec.n_top = mll_topk(logits, e.n_vocab, r.n_top, rec.top_ids, rec.top_logprobs)
-            for i in range(rec.n_top):
-                rec.top_logprobs[i] = <float> (rec.top_logprobs[i] - lse)
+        logprob = <float> (job.logits[tok] - job.lse)
+        rec.n_top = job.got_top    # written into the record by the job
+        for i in range(rec.n_top):
+            rec.top_logprobs[i] = <float> (rec.top_logprobs[i] - job.lse)
     r.n_generated += 1
     r.pipe.out_len = 0
     if llama_vocab_is_eog(e.vocab, tok):
@@ -276,8 +279,12 @@ cdef int _sample_and_push(Engine * e, int slot) noexcept nogil:
 
 
 cdef void _after_decode(Engine * e, int32_t rc) noexcept nogil:
-    cdef int i, err
+    cdef int i, k, err
+    cdef int32_t n_jobs = 0
     cdef Req * r
+    cdef mll_row_job * job
+    cdef mll_tok_rec * rec
+    cdef const float * logits
     for i in range(e.n_slots):
         r = e.slots[i]
         if r == NULL or r.n_in_batch == 0:
@@ -296,10 +303,31 @@ cdef void _after_decode(Engine * e, int32_t rc) noexcept nogil:
             r.prefill_pos += r.n_in_batch
         else:
             r.pending_decode = False
-        if r.out_idx >= 0:
-            err = _sample_and_push(e, i)
-            if err != ERR_NONE and e.slots[i] != NULL:
-                _finish_req(e, i, err)
+        if r.out_idx < 0:
+            continue
+        logits = llama_get_logits_ith(e.ctx, r.out_idx)
+        if logits == NULL:
+            _finish_req(e, i, ERR_NO_LOGITS)
+            continue
+        rec = mll_ring_slot(r.ring)
+        job = &e.jobs[n_jobs]
+        job.logits = logits
+        job.greedy = r.smpl == NULL
+        job.want_lse = r.want_logprob
+        job.n_top = r.n_top if r.want_logprob else 0
+        job.top_ids = rec.top_ids
+        job.top_vals = rec.top_logprobs
+        e.job_slot[n_jobs] = i
+        n_jobs += 1
+    if n_jobs == 0:
+        return
+    # the rows' reductions, spread over the decode's threads; then each stream in slot order
+    mll_rows_compute(&e.rows, n_jobs)
+    for k in range(n_jobs):
+        i = e.job_slot[k]
+        err = _sample_and_push(e, i, &e.jobs[k])
+        if err != ERR_NONE and e.slots[i] != NULL:
+            _finish_req(e, i, err)
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -446,7 +474,12 @@ cdef class BatchEngine:
         self.e.slots = <Req **> calloc(n_slots, sizeof(Req *))
         self.e.kv_pos = <int32_t *> malloc(n_slots * sizeof(int32_t))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
-        if self.e.slots == NULL or self.e.kv_pos == NULL or self.e.batch.token == NULL:
+        self.e.jobs = <mll_row_job *> calloc(n_slots, sizeof(mll_row_job))
+        self.e.job_slot = <int *> calloc(n_slots, sizeof(int))
+        if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.batch.token == NULL
+                or self.e.jobs == NULL or self.e.job_slot == NULL):
+            raise MemoryError()
+        if mll_rows_init(&self.e.rows, self.e.jobs, self.e.n_vocab, n_threads, self._pool) < 0:
             raise MemoryError()
         for i in range(n_slots):
             self.e.kv_pos[i] = -1
@@ -464,6 +497,7 @@ cdef class BatchEngine:
         if self.e.ctx != NULL:
             llama_free(self.e.ctx)
             self.e.ctx = NULL
+        mll_rows_free(&self.e.rows)
         free_pools(&self._pool, &self._pool_batch)
         if self.e.batch.token != NULL:
             llama_batch_free(self.e.batch)
@@ -472,6 +506,10 @@ cdef class BatchEngine:
         self.e.slots = NULL
         free(self.e.kv_pos)
         self.e.kv_pos = NULL
+        free(self.e.jobs)
+        self.e.jobs = NULL
+        free(self.e.job_slot)
+        self.e.job_slot = NULL
 
     def submit(self, Request req not None):
         """Queue ``req``; raises QueueFullError when ``max_queue`` requests already wait."""

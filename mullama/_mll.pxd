@@ -2,6 +2,8 @@
 
 from libc.stdint cimport int32_t
 
+from mullama._llama cimport ggml_threadpool
+
 cdef extern from "mullama/mll_utf8.h" nogil:
     ctypedef struct mll_utf8_hold:
         size_t tail_len
@@ -31,6 +33,23 @@ cdef extern from "mullama/mll_logits.h" nogil:
     int32_t mll_argmax(const float * x, int32_t n)
     double mll_logsumexp_from(const float * x, int32_t n, float m)
     int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)
+
+cdef extern from "mullama/mll_rows.h" nogil:
+    ctypedef struct mll_row_job:
+        const float * logits
+        int32_t greedy
+        int32_t want_lse
+        int32_t n_top
+        int32_t * top_ids
+        float * top_vals
+        int32_t argmax
+        int32_t got_top
+        double lse
+    ctypedef struct mll_rows:
+        pass
+    int mll_rows_init(mll_rows * r, mll_row_job * jobs, int32_t n_vocab, int n_threads, ggml_threadpool * pool)
+    void mll_rows_compute(mll_rows * r, int32_t n_jobs)
+    void mll_rows_free(mll_rows * r)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:

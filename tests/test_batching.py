@@ -65,6 +65,57 @@ async def test_eight_concurrent_streams_are_exact(engine_model):
     assert max(engine_model.kv_positions()) == -1
 
 
+async def test_log_probabilities_of_a_full_batch(engine_model):
+    """Each step's rows are reduced on all threads at once; every stream still gets the
+    log-probability and alternatives of its own row, as the one-stream path computes them."""
+    model = engine_model.model
+    greedy_top = GREEDY.replace(max_tokens=6, top_logprobs=5)
+    sampled_top = StreamConfig(max_tokens=6, temperature=0.9, top_k=0, top_p=1.0, top_logprobs=4,
+                               timeout_ms=300_000, sampler=mullama.SamplerParams(temperature=0.9, seed=7))
+    configs = [greedy_top] * 3 + [GREEDY.replace(max_tokens=6, logprobs=False)] * 2 + [GREEDY.replace(max_tokens=6)] \
+        + [sampled_top] * 2
+    results: dict[int, list] = {}
+
+    async def run(i: int) -> None:
+        results[i] = await collect(engine_model, PROMPTS[i], configs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(run, i)
+    for i, config in enumerate(configs):
+        toks = results[i]
+        assert len(toks) == 6
+        if not config.logprobs:
+            assert all(t.logprob is None for t in toks)
+            continue
+        assert all(t.logprob <= 0.0 for t in toks)
+        if config.top_logprobs == 0:
+            assert all(not t.top_logprobs for t in toks)
+            continue
+        for t in toks:
+            ids = [tid for tid, _ in t.top_logprobs]
+            lps = [lp for _, lp in t.top_logprobs]
+            assert len(ids) == config.top_logprobs and len(set(ids)) == len(ids)
+            assert lps == sorted(lps, reverse=True) and sum(2.718281828 ** lp for lp in lps) <= 1.0 + 1e-5
+            if t.token_id in ids:
+                assert lps[ids.index(t.token_id)] == pytest.approx(t.logprob, abs=1e-6)
+            else:
+                assert t.logprob <= lps[-1] + 1e-6
+        if config.temperature == 0.0:
+            assert [t.top_logprobs[0][0] for t in toks] == [t.token_id for t in toks]
+    # against the one-stream path (a batch row rounds a little differently: loose tolerance)
+    for i in (0, 5):
+        ids = model.tokenize(PROMPTS[i])
+        expected = list(mullama.Context(model, n_ctx=256).stream_tokens(
+            ids, 1, mullama.SamplerParams(temperature=0), top_logprobs=5))[0]
+        got = results[i][0]
+        assert got.token_id == expected.token_id
+        assert got.logprob == pytest.approx(expected.logprob, abs=0.05)
+        if i == 0:
+            assert [tid for tid, _ in got.top_logprobs[:2]] == [tid for tid, _ in expected.top_logprobs[:2]]
+    assert max(engine_model.kv_positions()) == -1
+
+
 async def test_aborting_some_streams_leaves_the_others_intact(engine_model):
     results: dict[int, list] = {}
     config = GREEDY.replace(max_tokens=24)
