@@ -184,29 +184,38 @@ def main() -> None:
     def med(name: str, n: int, key: str) -> float:
         return statistics.median(r[key] for r in results[name][n])
 
-    print(f"threads={threads}  tokens/stream={tokens}  reps={reps}")
-    print(f"{'streams':>7} {'mullama tok/s':>14} {'server tok/s':>13} {'batched-bench':>14} "
-          f"{'mullama steady':>15} {'server steady':>14} {'mullama TTFT':>13} {'server TTFT':>12}")
+    print(f"threads={threads}  tokens/stream={tokens}  reps={reps}  (medians)")
+    print("end to end, as the client sees it: all tokens / time from the requests to the last token")
+    print(f"{'streams':>7} {'mullama tok/s':>14} {'server tok/s':>13} {'mullama TTFT':>13} {'server TTFT':>12}")
     summary: dict = {"threads": threads, "tokens": tokens, "levels": {}}
     for n in LEVELS:
         m, s = med("mullama", n, "tok_s"), med("llama-server", n, "tok_s")
         mt, st = med("mullama", n, "ttft_median_s"), med("llama-server", n, "ttft_median_s")
+        print(f"{n:>7} {m:>14.1f} {s:>13.1f} {mt * 1e3:>10.0f} ms {st * 1e3:>9.0f} ms")
+        summary["levels"][n] = {"mullama_tok_s": m, "server_tok_s": s, "mullama_ttft_s": mt, "server_ttft_s": st}
+    print("decode: tokens / time while every stream generates (prompts done); batched-bench's S_TG is this")
+    print(f"{'streams':>7} {'mullama tok/s':>14} {'server tok/s':>13} {'batched-bench':>14}")
+    for n in LEVELS:
         ms, ss = med("mullama", n, "steady_tok_s"), med("llama-server", n, "steady_tok_s")
-        print(f"{n:>7} {m:>14.1f} {s:>13.1f} {ceiling.get(n, float('nan')):>14.1f} {ms:>15.1f} {ss:>14.1f} "
-              f"{mt * 1e3:>10.0f} ms {st * 1e3:>9.0f} ms")
-        summary["levels"][n] = {"mullama_tok_s": m, "server_tok_s": s, "batched_bench_tok_s": ceiling.get(n),
-                                "mullama_steady_tok_s": ms, "server_steady_tok_s": ss,
-                                "mullama_ttft_s": mt, "server_ttft_s": st}
+        print(f"{n:>7} {ms:>14.1f} {ss:>13.1f} {ceiling.get(n, float('nan')):>14.1f}")
+        summary["levels"][n].update({"mullama_decode_tok_s": ms, "server_decode_tok_s": ss,
+                                     "batched_bench_tok_s": ceiling.get(n)})
     m8, m1 = med("mullama", 8, "tok_s"), med("mullama", 1, "tok_s")
-    ratios = {"vs_server_8": m8 / med("llama-server", 8, "tok_s"), "vs_batched_bench_8": m8 / ceiling[8],
-              "vs_own_single": m8 / m1,
-              "steady_vs_batched_bench_8": med("mullama", 8, "steady_tok_s") / ceiling[8]}
+    d8, d1 = med("mullama", 8, "steady_tok_s"), med("mullama", 1, "steady_tok_s")
+    ratios = {"vs_server_8": m8 / med("llama-server", 8, "tok_s"),
+              "decode_vs_server_8": d8 / med("llama-server", 8, "steady_tok_s"),
+              "decode_vs_batched_bench_8": d8 / ceiling[8],
+              "end_to_end_vs_batched_bench_8": m8 / ceiling[8],
+              "decode_vs_own_single": d8 / d1, "end_to_end_vs_own_single": m8 / m1,
+              "batched_bench_8_vs_1": ceiling[8] / ceiling[1]}
     summary["ratios"] = ratios
     summary["raw"] = results
-    print(f"8 streams: {ratios['vs_server_8']:.2f}x llama-server (goal >= 1.1), "
-          f"{ratios['vs_batched_bench_8']:.2f}x batched-bench B=8 (goal >= 0.95), "
-          f"{ratios['vs_own_single']:.2f}x mullama single stream (goal >= 2.2); steady decode "
-          f"{ratios['steady_vs_batched_bench_8']:.2f}x batched-bench B=8")
+    print(f"8 streams: {ratios['vs_server_8']:.2f}x llama-server end to end (goal >= 1.1; decode "
+          f"{ratios['decode_vs_server_8']:.2f}x), {ratios['decode_vs_batched_bench_8']:.2f}x batched-bench B=8 "
+          f"decode (goal >= 0.95; end to end {ratios['end_to_end_vs_batched_bench_8']:.2f}x), "
+          f"{ratios['decode_vs_own_single']:.2f}x mullama's own single stream decode (goal >= 2.2; end to end "
+          f"{ratios['end_to_end_vs_own_single']:.2f}x; the kernels' own B=8/B=1: "
+          f"{ratios['batched_bench_8_vs_1']:.2f}x)")
     env.RESULTS.mkdir(exist_ok=True)
     (env.RESULTS / "batching.json").write_text(json.dumps(summary, indent=2))
 

@@ -77,6 +77,10 @@ cdef struct Engine:
     int64_t sample_ns             # time sampling and handing tokens out after each decode
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
+    int32_t slot_cells            # KV cells of one slot's sequence
+    int32_t * pad_seq             # sequences given a throw-away token this step (see _build_batch)
+    int32_t * pad_pos             # and the position it took, removed again after the decode
+    int n_pad
     mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
     mll_row_job * jobs            # one per slot with logits this step
     int * job_slot                # the slot of each job
@@ -164,11 +168,26 @@ cdef void _reap(Engine * e) noexcept nogil:
             _finish_req(e, i, ERR_NONE)
 
 
+cdef inline void _put(Engine * e, int32_t n, llama_token tok, int32_t pos, int seq, bint out) noexcept nogil:
+    e.batch.token[n] = tok
+    e.batch.pos[n] = pos
+    e.batch.n_seq_id[n] = 1
+    e.batch.seq_id[n][0] = seq
+    e.batch.logits[n] = out
+
+
 cdef int32_t _build_batch(Engine * e) noexcept nogil:
+    """Fill the step's batch: one token for each running stream with room, then prompt chunks.
+
+    Each slot is its own KV stream (not unified), and llama.cpp then splits a batch into
+    micro-batches of equal token counts over runs of consecutive sequence ids: a hole in
+    the run (a parked stream, a free slot between busy ones) would cost a second pass over
+    the weights. Holes are filled with one throw-away token each (no logits; its cell is
+    removed after the decode), which costs far less, and tokens go in in slot order."""
     cdef int32_t n = 0
-    cdef int32_t budget, chunk, j, k
-    cdef int i, idx
-    cdef int n_decoding = 0
+    cdef int32_t budget, chunk, j, k, pos
+    cdef int i, idx, lo = -1, hi = -1, odd_fix = -1
+    cdef int n_decoding = 0, n_prefill = 0
     cdef Req * r
     for i in range(e.n_slots):
         r = e.slots[i]
@@ -184,16 +203,9 @@ cdef int32_t _build_batch(Engine * e) noexcept nogil:
                 r.parked = True
             continue
         r.parked = False
-        e.batch.token[n] = r.last
-        e.batch.pos[n] = r.n_past
-        e.batch.n_seq_id[n] = 1
-        e.batch.seq_id[n][0] = r.seq
-        e.batch.logits[n] = 1
-        r.out_idx = n
         r.n_in_batch = 1
-        n += 1
         n_decoding += 1
-    budget = e.n_batch - n
+    budget = e.n_batch - n_decoding
     if n_decoding and budget > e.prefill_chunk:
         budget = e.prefill_chunk    # a long prompt must not stall the running streams
     for k in range(e.n_slots):
@@ -206,21 +218,72 @@ cdef int32_t _build_batch(Engine * e) noexcept nogil:
         chunk = r.n_prompt - r.prefill_pos
         if chunk > budget:
             chunk = budget
-        for j in range(chunk):
-            e.batch.token[n + j] = r.prompt[r.prefill_pos + j]
-            e.batch.pos[n + j] = r.prefill_pos + j
-            e.batch.n_seq_id[n + j] = 1
-            e.batch.seq_id[n + j][0] = r.seq
-            e.batch.logits[n + j] = 0
-        if r.prefill_pos + chunk == r.n_prompt:
-            e.batch.logits[n + chunk - 1] = 1
-            r.out_idx = n + chunk - 1
         r.n_in_batch = chunk
-        n += chunk
         budget -= chunk
     e.rr = (e.rr + 1) % e.n_slots
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r != NULL and r.n_in_batch > 0:
+            if lo < 0:
+                lo = i
+            hi = i
+            if r.prefill_pos < r.n_prompt:
+                n_prefill += 1
+    e.n_pad = 0
+    if lo < 0:
+        e.batch.n_tokens = 0
+        return 0
+    # An odd number of logits rows (3, 5, 7...) costs more than one more row on the CPU
+    # kernels here: with 7 streams a step takes longer than with 8. So a decode step with
+    # an odd count asks for one extra row: a hole's throw-away token, or one just beside.
+    if n_prefill == 0 and n_decoding >= 3 and n_decoding % 2 == 1:
+        for i in range(lo + 1, hi):
+            if _can_pad(e, i):
+                odd_fix = i
+                break
+        if odd_fix < 0 and hi + 1 < e.n_slots and _can_pad(e, hi + 1):
+            hi += 1
+            odd_fix = hi
+        elif odd_fix < 0 and lo > 0 and _can_pad(e, lo - 1):
+            lo -= 1
+            odd_fix = lo
+    for i in range(lo, hi + 1):
+        r = e.slots[i]
+        if r == NULL or r.n_in_batch == 0:
+            if _can_pad(e, i) and n < e.n_batch:
+                pos = r.n_past if r != NULL else 0
+                _put(e, n, r.last if r != NULL else 0, pos, i, i == odd_fix)
+                e.pad_seq[e.n_pad] = i
+                e.pad_pos[e.n_pad] = pos
+                e.n_pad += 1
+                n += 1
+        elif r.prefill_pos < r.n_prompt:
+            for j in range(r.n_in_batch):
+                _put(e, n + j, r.prompt[r.prefill_pos + j], r.prefill_pos + j, i, False)
+            if r.prefill_pos + r.n_in_batch == r.n_prompt:
+                e.batch.logits[n + r.n_in_batch - 1] = 1
+                r.out_idx = n + r.n_in_batch - 1
+            n += r.n_in_batch
+        else:
+            _put(e, n, r.last, r.n_past, i, True)
+            r.out_idx = n
+            n += 1
     e.batch.n_tokens = n
     return n
+
+
+cdef inline bint _can_pad(Engine * e, int i) noexcept nogil:
+    """Whether slot ``i`` can take a throw-away token this step: free, or idle with room."""
+    cdef Req * r = e.slots[i]
+    return r == NULL or (r.n_in_batch == 0 and r.n_past < e.slot_cells)
+
+
+cdef void _drop_pads(Engine * e) noexcept nogil:
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    cdef int k
+    for k in range(e.n_pad):
+        llama_memory_seq_rm(mem, e.pad_seq[k], e.pad_pos[k], -1)
+    e.n_pad = 0
 
 
 cdef int _sample_and_push(Engine * e, int slot, mll_row_job * job) noexcept nogil:
@@ -355,6 +418,7 @@ cdef void _engine_loop(Engine * e) noexcept nogil:
         t0 = _now_ns()
         rc = llama_decode(e.ctx, e.batch)
         t1 = _now_ns()
+        _drop_pads(e)
         _after_decode(e, rc)
         _publish_kv(e)
         e.decode_ns += t1 - t0
@@ -474,10 +538,14 @@ cdef class BatchEngine:
         self.e.slots = <Req **> calloc(n_slots, sizeof(Req *))
         self.e.kv_pos = <int32_t *> malloc(n_slots * sizeof(int32_t))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
+        self.e.slot_cells = <int32_t> (llama_n_ctx(self.e.ctx) // n_slots)
+        self.e.pad_seq = <int32_t *> calloc(n_slots, sizeof(int32_t))
+        self.e.pad_pos = <int32_t *> calloc(n_slots, sizeof(int32_t))
         self.e.jobs = <mll_row_job *> calloc(n_slots, sizeof(mll_row_job))
         self.e.job_slot = <int *> calloc(n_slots, sizeof(int))
         if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.batch.token == NULL
-                or self.e.jobs == NULL or self.e.job_slot == NULL):
+                or self.e.jobs == NULL or self.e.job_slot == NULL or self.e.pad_seq == NULL
+                or self.e.pad_pos == NULL):
             raise MemoryError()
         if mll_rows_init(&self.e.rows, self.e.jobs, self.e.n_vocab, n_threads, self._pool) < 0:
             raise MemoryError()
@@ -508,6 +576,10 @@ cdef class BatchEngine:
         self.e.kv_pos = NULL
         free(self.e.jobs)
         self.e.jobs = NULL
+        free(self.e.pad_seq)
+        self.e.pad_seq = NULL
+        free(self.e.pad_pos)
+        self.e.pad_pos = NULL
         free(self.e.job_slot)
         self.e.job_slot = NULL
 

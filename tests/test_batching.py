@@ -163,6 +163,37 @@ async def test_a_parked_consumer_does_not_stop_the_others(engine_model):
         await parked.aclose()
 
 
+async def test_holes_between_running_streams(engine_model):
+    """A parked stream, and later a free slot, between two running ones: the hole is filled
+    with a throw-away token each step, which must leave every stream's own cache intact."""
+    model = engine_model.model
+    config = GREEDY.replace(max_tokens=40)
+    left = await engine_model.generate_stream(PROMPTS[0], config)                   # slot 0
+    middle = await engine_model.generate_stream(PROMPTS[1], config.replace(buffer_size=2))  # slot 1, parked
+    right = await engine_model.generate_stream(PROMPTS[2], config)                  # slot 2
+    short = await engine_model.generate_stream(PROMPTS[3], config.replace(max_tokens=3))    # slot 3, ends early
+    last = await engine_model.generate_stream(PROMPTS[4], config)                   # slot 4
+    async with left, middle, right, short, last:
+        got: dict[int, list] = {}
+
+        async def drain(i: int, stream) -> None:
+            got[i] = [t async for t in stream]
+
+        async with anyio.create_task_group() as tg:
+            for i, stream in ((0, left), (2, right), (3, short), (4, last)):
+                tg.start_soon(drain, i, stream)
+        assert middle.producer_pauses >= 1          # it sat parked while the others ran
+        got[1] = [t async for t in middle]
+    for i in range(5):
+        ids = [t.token_id for t in got[i] if not model.is_eog(t.token_id)]
+        assert len(got[i]) == (3 if i == 3 else 40) or got[i][-1].is_final
+        assert_own_greedy_continuation(model, PROMPTS[i], ids)
+    with anyio.fail_after(5):
+        while engine_model.active_streams:
+            await anyio.sleep(0.01)
+    assert max(engine_model.kv_positions()) == -1
+
+
 async def test_queue_is_fifo_and_bounded(model_path):
     async with await AsyncModel.load(model_path, n_ctx=256, n_parallel=1, max_queue=2) as m:
         config = StreamConfig(max_tokens=6, temperature=0.0)
