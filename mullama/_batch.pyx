@@ -182,8 +182,8 @@ cdef int32_t _build_batch(Engine * e) noexcept nogil:
     Each slot is its own KV stream (not unified), and llama.cpp then splits a batch into
     micro-batches of equal token counts over runs of consecutive sequence ids: a hole in
     the run (a parked stream, a free slot between busy ones) would cost a second pass over
-    the weights. Holes are filled with one throw-away token each (no logits; its cell is
-    removed after the decode), which costs far less, and tokens go in in slot order."""
+    the weights. Holes are filled with one throw-away token each (its cell is removed after
+    the decode), which costs far less, and tokens go in in slot order."""
     cdef int32_t n = 0
     cdef int32_t budget, chunk, j, k, pos
     cdef int i, idx, lo = -1, hi = -1, odd_fix = -1
@@ -293,19 +293,11 @@ cdef int _sample_and_push(Engine * e, int slot, mll_row_job * job) noexcept nogi
     cdef float logprob = 0.0
     cdef int rc
     cdef mll_tok_rec * rec
-    cdef int32_t i
-    cdef llama_token tok
-    if r.smpl == NULL:
-        tok = job.argmax
-    else:
-        tok = llama_sampler_sample(r.smpl, e.ctx, r.out_idx)
+    cdef llama_token tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
     rec = mll_ring_slot(r.ring)
     rec.n_top = 0
     if r.want_logprob:
-        logprob = <float> (job.logits[tok] - job.lse)
-        rec.n_top = job.got_top    # written into the record by the job
-        for i in range(rec.n_top):
-            rec.top_logprobs[i] = <float> (rec.top_logprobs[i] - job.lse)
+        rec.n_top = token_logprobs(job, tok, &logprob)   # the job wrote the alternatives into rec
     r.n_generated += 1
     r.pipe.out_len = 0
     if llama_vocab_is_eog(e.vocab, tok):
@@ -345,7 +337,6 @@ cdef void _after_decode(Engine * e, int32_t rc) noexcept nogil:
     cdef int i, k, err
     cdef int32_t n_jobs = 0
     cdef Req * r
-    cdef mll_row_job * job
     cdef mll_tok_rec * rec
     cdef const float * logits
     for i in range(e.n_slots):
@@ -373,13 +364,7 @@ cdef void _after_decode(Engine * e, int32_t rc) noexcept nogil:
             _finish_req(e, i, ERR_NO_LOGITS)
             continue
         rec = mll_ring_slot(r.ring)
-        job = &e.jobs[n_jobs]
-        job.logits = logits
-        job.greedy = r.smpl == NULL
-        job.want_lse = r.want_logprob
-        job.n_top = r.n_top if r.want_logprob else 0
-        job.top_ids = rec.top_ids
-        job.top_vals = rec.top_logprobs
+        row_job(&e.jobs[n_jobs], logits, r.smpl, r.want_logprob, r.n_top, rec.top_ids, rec.top_logprobs)
         e.job_slot[n_jobs] = i
         n_jobs += 1
     if n_jobs == 0:

@@ -126,10 +126,8 @@ cdef int _step(GenState * g) noexcept nogil:
     """
     cdef float * logits
     cdef llama_token tok
-    cdef int32_t n
     cdef int rc
-    cdef double lse
-    cdef int32_t i
+    cdef mll_row_job job
     g.pipe.out_len = 0
     if g.pending_decode:
         if g.cancel:
@@ -139,19 +137,17 @@ cdef int _step(GenState * g) noexcept nogil:
         if _decode_one(g, g.last) < 0:
             return -1
         g.pending_decode = False
-    tok = pick_token(g.ctx, -1, g.smpl, g.n_vocab, g.want_logprob, &lse)
-    if tok < 0:
+    logits = llama_get_logits_ith(g.ctx, -1)
+    if logits == NULL:
         g.err = ERR_NO_LOGITS
         return -1
+    row_job(&job, logits, g.smpl, g.want_logprob, g.n_top, g.top_ids, g.top_logprobs)
+    mll_row_run(&job, g.n_vocab)
+    tok = choose_token(g.ctx, -1, g.smpl, &job)
     g.token = tok
     g.n_generated += 1
     if g.want_logprob:
-        logits = llama_get_logits_ith(g.ctx, -1)
-        g.logprob = <float> (logits[tok] - lse)
-        if g.n_top > 0:
-            n = mll_topk(logits, g.n_vocab, g.n_top, g.top_ids, g.top_logprobs)
-            for i in range(n):
-                g.top_logprobs[i] = <float> (g.top_logprobs[i] - lse)
+        token_logprobs(&job, tok, &g.logprob)
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FIN_EOS
         pipe_flush(&g.pipe)

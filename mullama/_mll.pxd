@@ -47,6 +47,7 @@ cdef extern from "mullama/mll_rows.h" nogil:
         double lse
     ctypedef struct mll_rows:
         pass
+    void mll_row_run(mll_row_job * j, int32_t n_vocab)
     int mll_rows_init(mll_rows * r, mll_row_job * jobs, int32_t n_vocab, int n_threads, ggml_threadpool * pool)
     void mll_rows_compute(mll_rows * r, int32_t n_jobs)
     void mll_rows_free(mll_rows * r)

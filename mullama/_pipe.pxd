@@ -9,8 +9,7 @@ from libc.stdint cimport int32_t
 from mullama._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
                              llama_get_logits_ith, llama_sampler_sample)
 from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
-                           mll_stop, mll_stop_feed, mll_stop_flush, mll_max, mll_argmax,
-                           mll_logsumexp_from)
+                           mll_stop, mll_stop_feed, mll_stop_flush, mll_row_job)
 
 
 # how a generation ended (0 while it runs) and what went wrong; mullama/_generation.py and
@@ -29,26 +28,36 @@ cdef enum:
     ERR_NOMEM = 3
 
 
-cdef inline llama_token pick_token(llama_context * ctx, int32_t idx, llama_sampler * smpl, int32_t n_vocab,
-                                   bint want_logprob, double * lse) noexcept nogil:
-    """Choose the next token from the logits of batch row ``idx``: argmax when ``smpl`` is NULL
-    (plain greedy), else the sampler chain. With ``want_logprob`` also stores log(sum(exp(logits)))
-    in ``lse``; the maximum is computed once for both. Returns -1 when there are no logits."""
-    cdef float * logits = llama_get_logits_ith(ctx, idx)
-    cdef float m = 0.0
-    cdef llama_token tok
-    if logits == NULL:
-        return -1
+cdef inline void row_job(mll_row_job * job, const float * logits, llama_sampler * smpl, bint want_logprob,
+                         int32_t n_top, int32_t * top_ids, float * top_vals) noexcept nogil:
+    """Describe the reductions a token needs from its logits row: the argmax when ``smpl``
+    is NULL (plain greedy), log(sum(exp)) for its log-probability, the top ``n_top``
+    alternatives into ``top_ids``/``top_vals``. ``mll_row_run`` (or a pool) fills it in."""
+    job.logits = logits
+    job.greedy = smpl == NULL
+    job.want_lse = want_logprob
+    job.n_top = n_top if want_logprob else 0
+    job.top_ids = top_ids
+    job.top_vals = top_vals
+
+
+cdef inline llama_token choose_token(llama_context * ctx, int32_t idx, llama_sampler * smpl,
+                                     const mll_row_job * job) noexcept nogil:
+    """The next token from batch row ``idx``: the job's argmax for plain greedy, else the
+    sampler chain's choice (which reads the row, never changes it)."""
     if smpl == NULL:
-        tok = mll_argmax(logits, n_vocab)   # one pass gives the maximum too
-        m = logits[tok]
-    else:
-        if want_logprob:
-            m = mll_max(logits, n_vocab)
-        tok = llama_sampler_sample(smpl, ctx, idx)
-    if want_logprob:
-        lse[0] = mll_logsumexp_from(logits, n_vocab, m)
-    return tok
+        return job.argmax
+    return llama_sampler_sample(smpl, ctx, idx)
+
+
+cdef inline int32_t token_logprobs(const mll_row_job * job, llama_token tok, float * logprob) noexcept nogil:
+    """``tok``'s log-probability into ``logprob``; the job's top-k logits become
+    log-probabilities in place. Returns how many alternatives there are."""
+    cdef int32_t i
+    logprob[0] = <float> (job.logits[tok] - job.lse)
+    for i in range(job.got_top):
+        job.top_vals[i] = <float> (job.top_vals[i] - job.lse)
+    return job.got_top
 
 
 cdef struct TextPipe:

@@ -87,9 +87,11 @@ async def test_backpressure_pauses_decoding(async_model):
     config = StreamConfig(max_tokens=200, temperature=0.0, buffer_size=4)
     async with await async_model.generate_stream(PROMPT, config) as stream:
         await stream.next()
-        await anyio.sleep(0.5)  # a slow consumer: the producer must be waiting, not decoding
+        # a slow consumer: the producer fills the buffer, then must be waiting, not decoding
+        with anyio.fail_after(60):
+            while stream.buffered < 4 or stream.producer_pauses < 1:
+                await anyio.sleep(0.05)
         assert stream.buffered == 4
-        assert stream.producer_pauses >= 1
         calls = async_model.n_decode_calls
         await anyio.sleep(0.3)
         assert async_model.n_decode_calls == calls  # no decode while the buffer is full
