@@ -78,12 +78,13 @@ cdef struct Engine:
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
     int32_t slot_cells            # KV cells of one slot's sequence
+    int32_t * scratch             # one allocation for the three per-slot arrays below
     int32_t * pad_seq             # sequences given a throw-away token this step (see _build_batch)
     int32_t * pad_pos             # and the position it took, removed again after the decode
+    int32_t * job_slot            # the slot of each job
     int n_pad
     mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
     mll_row_job * jobs            # one per slot with logits this step
-    int * job_slot                # the slot of each job
 
 
 cdef c_bool _engine_abort(void * data) noexcept nogil:
@@ -524,14 +525,14 @@ cdef class BatchEngine:
         self.e.kv_pos = <int32_t *> malloc(n_slots * sizeof(int32_t))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
         self.e.slot_cells = <int32_t> (llama_n_ctx(self.e.ctx) // n_slots)
-        self.e.pad_seq = <int32_t *> calloc(n_slots, sizeof(int32_t))
-        self.e.pad_pos = <int32_t *> calloc(n_slots, sizeof(int32_t))
+        self.e.scratch = <int32_t *> calloc(3 * n_slots, sizeof(int32_t))
         self.e.jobs = <mll_row_job *> calloc(n_slots, sizeof(mll_row_job))
-        self.e.job_slot = <int *> calloc(n_slots, sizeof(int))
         if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.batch.token == NULL
-                or self.e.jobs == NULL or self.e.job_slot == NULL or self.e.pad_seq == NULL
-                or self.e.pad_pos == NULL):
+                or self.e.scratch == NULL or self.e.jobs == NULL):
             raise MemoryError()
+        self.e.pad_seq = self.e.scratch
+        self.e.pad_pos = self.e.scratch + n_slots
+        self.e.job_slot = self.e.scratch + 2 * n_slots
         if mll_rows_init(&self.e.rows, self.e.jobs, self.e.n_vocab, n_threads, self._pool) < 0:
             raise MemoryError()
         for i in range(n_slots):
@@ -561,12 +562,8 @@ cdef class BatchEngine:
         self.e.kv_pos = NULL
         free(self.e.jobs)
         self.e.jobs = NULL
-        free(self.e.pad_seq)
-        self.e.pad_seq = NULL
-        free(self.e.pad_pos)
-        self.e.pad_pos = NULL
-        free(self.e.job_slot)
-        self.e.job_slot = NULL
+        free(self.e.scratch)
+        self.e.scratch = NULL
 
     def submit(self, Request req not None):
         """Queue ``req``; raises QueueFullError when ``max_queue`` requests already wait."""

@@ -15,7 +15,7 @@
 
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <string.h>
 
 #include "ggml.h"
 #include "ggml-cpu.h"
