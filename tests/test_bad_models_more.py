@@ -34,23 +34,22 @@ RSS_LIMIT_KB = 64 << 10
 ANY = ""  # a file so garbled that any ModelLoadError naming the path will do
 
 
-def with_tokens(**changes: str) -> Callable[[], bytes]:
-    """Builder: the tiny model with some token texts replaced (index -> text)."""
+def _vocab_changed(column: int, field: str, changes: dict) -> Callable[[], bytes]:
+    """Builder: the tiny model with entries of one vocabulary column replaced (index -> value)."""
     def build() -> bytes:
-        tokens = gf.vocab(gf.N_VOCAB)[0]
-        for index, text in changes.items():
-            tokens[int(index.lstrip("t"))] = text
-        return gf.tiny_model_bytes(tokens=tokens)
+        values = gf.vocab(gf.N_VOCAB)[column]
+        for index, value in changes.items():
+            values[int(index.lstrip("t"))] = value
+        return gf.tiny_model_bytes(**{field: values})
     return build
+
+
+def with_tokens(**changes: str) -> Callable[[], bytes]:
+    return _vocab_changed(0, "tokens", changes)
 
 
 def with_types(**changes: int) -> Callable[[], bytes]:
-    def build() -> bytes:
-        types = gf.vocab(gf.N_VOCAB)[2]
-        for index, value in changes.items():
-            types[int(index.lstrip("t"))] = value
-        return gf.tiny_model_bytes(token_types=types)
-    return build
+    return _vocab_changed(2, "token_types", changes)
 
 
 def no_byte_types(**kv_changes: tuple) -> Callable[[], bytes]:
