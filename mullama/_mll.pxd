@@ -29,7 +29,6 @@ cdef extern from "mullama/mll_stop.h" nogil:
 
 cdef extern from "mullama/mll_logits.h" nogil:
     float mll_max(const float * x, int32_t n)
-    int32_t mll_index_of(const float * x, int32_t n, float v)
     int32_t mll_argmax(const float * x, int32_t n)
     double mll_logsumexp_from(const float * x, int32_t n, float m)
     int32_t mll_topk(const float * x, int32_t n, int32_t k, int32_t * ids, float * vals)

@@ -30,15 +30,6 @@ static inline float mll_max(const float *x, int32_t n) {
     return v;
 }
 
-/* Index of the first entry equal to `v` (0 if none, e.g. only NaNs). With
- * v = mll_max(x, n) this is the argmax, first one on ties. */
-static inline int32_t mll_index_of(const float *x, int32_t n, float v) {
-    for (int32_t i = 0; i < n; ++i) {
-        if (x[i] == v) return i;
-    }
-    return 0;
-}
-
 /* Index of the largest entry, first one on ties (0 when n < 1 or only NaNs),
  * in one pass: 16 lanes keep their best value and its index, so the loop
  * vectorises and the row (1 MiB for Gemma 3) is read once, not twice. */
