@@ -157,7 +157,7 @@ class BuildExt(build_ext):
             if getattr(ext, "_links_llama", False):
                 ext.library_dirs.append(str(install_dir / "lib"))
                 ext.libraries += ["llama", "ggml", "ggml-cpu", "ggml-base"]
-                ext.runtime_library_dirs.append("$ORIGIN/lib")
+                ext.runtime_library_dirs.append("$ORIGIN/../lib")
         from Cython.Build import cythonize
 
         compiled = cythonize(
@@ -201,11 +201,11 @@ def extension(name: str, links_llama: bool) -> Extension:
     # no errno and no trapping math: lets the compiler vectorise the logits reductions
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + (["-march=native"] if native else [])
     ext = Extension(
-        f"mullama.{name}",
-        [f"mullama/{name}.pyx"],
+        f"mullama._engine.{name}",
+        [f"mullama/_engine/{name}.pyx"],
         # our C headers and declarations: editing one rebuilds the modules that use it
         depends=sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "include" / "mullama").glob("*.h"),
-                                                          *PACKAGE.glob("*.pxd")]),
+                                                          *(PACKAGE / "_engine").glob("*.pxd")]),
         include_dirs=[],
         extra_compile_args=flags,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 import anyio
 
-from mullama._batch import BatchEngine, Request
-from mullama._ring import TokenRing
+from mullama._engine._batch import BatchEngine, Request
+from mullama._engine._ring import TokenRing
 from mullama.context import _FLASH_ATTN, Context, _positive_int, default_threads, prompt_ids
 from mullama.errors import ClosedError
 from mullama.model import Model

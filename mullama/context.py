@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mullama import errors
-from mullama._context import ContextHandle
+from mullama._engine._context import ContextHandle
 from mullama._generation import TextStream, TokenIterator
 from mullama.model import Model, as_token_array
 from mullama.params import SamplerParams, check_max_tokens, normalize_stop

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from mullama import errors
-from mullama._model import ModelHandle
+from mullama._engine._model import ModelHandle
 from mullama.chat_template import looks_like_jinja, render_chat_template
 from mullama.gguf_check import validate_gguf_file
 

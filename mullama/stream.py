@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from mullama._ring import CLOSED, EMPTY, TokenRing
+from mullama._engine._ring import CLOSED, EMPTY, TokenRing
 from mullama.errors import StreamingError
 from mullama.stream_config import StreamConfig
 from mullama.types import TokenData

@@ -1,4 +1,4 @@
-"""Tests for the C text helpers (include/mullama/mll_utf8.h, mll_stop.h) via mullama._text.
+"""Tests for the C text helpers (include/mullama/mll_utf8.h, mll_stop.h) via mullama._engine._text.
 
 The stop matcher is checked against an obviously-correct quadratic reference
 over many random texts, stop sets and chunkings; the UTF-8 holdback against
@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from mullama._text import StopMatcher, Utf8Holdback, utf8_complete_len
+from mullama._engine._text import StopMatcher, Utf8Holdback, utf8_complete_len
 
 
 # --------------------------------------------------------------------------
@@ -674,7 +674,7 @@ def test_pipeline_random():
 def test_logits_argmax_matches_numpy(n):
     import numpy as np
 
-    from mullama._text import logits_argmax, logits_logsumexp
+    from mullama._engine._text import logits_argmax, logits_logsumexp
 
     rng = np.random.default_rng(n)
     for _ in range(5):

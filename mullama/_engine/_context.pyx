@@ -17,13 +17,13 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from mullama._llama cimport *
-from mullama._mll cimport *
-from mullama._model cimport ModelHandle
-from mullama._ring cimport TokenRing
-from mullama._threads cimport attach_pools, free_pools
-from mullama._pipe cimport *
-from mullama._text cimport StopSet
+from mullama._engine._llama cimport *
+from mullama._engine._mll cimport *
+from mullama._engine._model cimport ModelHandle
+from mullama._engine._ring cimport TokenRing
+from mullama._engine._threads cimport attach_pools, free_pools
+from mullama._engine._pipe cimport *
+from mullama._engine._text cimport StopSet
 from mullama import errors
 
 cdef enum:
@@ -295,7 +295,7 @@ cdef class ContextHandle:
         params.no_perf = True
         params.abort_callback = _abort_cb
         params.abort_callback_data = &self.g
-        from mullama._model import take_log
+        from mullama._engine._model import take_log
         take_log()
         with nogil:
             self.g.ctx = llama_init_from_model(model.model, params)

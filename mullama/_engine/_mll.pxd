@@ -2,7 +2,7 @@
 
 from libc.stdint cimport int32_t
 
-from mullama._llama cimport ggml_threadpool
+from mullama._engine._llama cimport ggml_threadpool
 
 cdef extern from "mullama/mll_utf8.h" nogil:
     ctypedef struct mll_utf8_hold:

@@ -12,7 +12,7 @@ from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, strlen
 
-from mullama._llama cimport *
+from mullama._engine._llama cimport *
 from mullama import errors
 
 # ---------------------------------------------------------------- logging

@@ -18,14 +18,14 @@ from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from mullama._llama cimport *
-from mullama._mll cimport *
-from mullama._threads cimport attach_pools, free_pools
-from mullama._pipe cimport *
-from mullama._text cimport StopSet
-from mullama._model cimport ModelHandle
-from mullama._ring cimport TokenRing
-from mullama._context cimport make_sampler
+from mullama._engine._llama cimport *
+from mullama._engine._mll cimport *
+from mullama._engine._threads cimport attach_pools, free_pools
+from mullama._engine._pipe cimport *
+from mullama._engine._text cimport StopSet
+from mullama._engine._model cimport ModelHandle
+from mullama._engine._ring cimport TokenRing
+from mullama._engine._context cimport make_sampler
 from mullama import errors
 
 cdef struct Req:
@@ -512,7 +512,7 @@ cdef class BatchEngine:
         with nogil:
             self.e.ctx = llama_init_from_model(model.model, params)
         if self.e.ctx == NULL:
-            from mullama._model import take_log
+            from mullama._engine._model import take_log
             raise errors.context_create_error(take_log().strip().replace("\n", "; ")[-300:])
         if attach_pools(self.e.ctx, n_threads, n_threads, &self._pool, &self._pool_batch) < 0:
             raise errors.context_create_error("ggml could not create its thread pool")

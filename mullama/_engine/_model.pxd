@@ -1,6 +1,6 @@
 from libc.stdint cimport int32_t
 
-from mullama._llama cimport llama_model, llama_vocab
+from mullama._engine._llama cimport llama_model, llama_vocab
 
 
 cdef class ModelHandle:

@@ -8,7 +8,7 @@ fills the ring from a native thread without the GIL.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free
 
-from mullama._mll cimport *
+from mullama._engine._mll cimport *
 
 EMPTY = 0          # nothing to read yet: wait for fileno() to become readable
 CLOSED = -1        # nothing to read and nothing more will come

@@ -1,4 +1,4 @@
-from mullama._mll cimport mll_stop
+from mullama._engine._mll cimport mll_stop
 
 
 cdef class StopSet:

@@ -8,7 +8,7 @@ these wrappers exist so the helpers can be used and tested on their own.
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
-from mullama._mll cimport (
+from mullama._engine._mll cimport (
     mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush, mll_utf8_complete_len,
     mll_stop, mll_stop_workspace_len, mll_stop_init, mll_stop_reset, mll_stop_feed,
     mll_stop_flush, mll_argmax, mll_max, mll_logsumexp_from,

@@ -6,9 +6,9 @@ from libc.stdlib cimport realloc, free
 
 from libc.stdint cimport int32_t
 
-from mullama._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
+from mullama._engine._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
                              llama_sampler_sample)
-from mullama._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
+from mullama._engine._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
                            mll_stop, mll_stop_feed, mll_stop_flush, mll_row_job)
 
 

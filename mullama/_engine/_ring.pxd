@@ -1,4 +1,4 @@
-from mullama._mll cimport mll_ring, mll_tok_rec
+from mullama._engine._mll cimport mll_ring, mll_tok_rec
 
 
 cdef class TokenRing:

@@ -1,7 +1,7 @@
 # A persistent ggml threadpool per context: without one, ggml sets up a fresh
 # pool for every graph it computes, which costs a little on every token.
 
-from mullama._llama cimport (ggml_threadpool, ggml_threadpool_params, ggml_threadpool_params_default,
+from mullama._engine._llama cimport (ggml_threadpool, ggml_threadpool_params, ggml_threadpool_params_default,
                              ggml_threadpool_new, ggml_threadpool_free, llama_context,
                              llama_attach_threadpool)
 

@@ -1,0 +1,1 @@
+"""The native layer: llama.cpp declarations, the nogil engine and its C helpers (Cython)."""
