@@ -220,8 +220,9 @@ if __name__ == "__main__":
             extension("_text", links_llama=False),
             extension("_ring", links_llama=False),
             extension("_model", links_llama=True),
-            extension("_context", links_llama=True),
-            extension("_batch", links_llama=True),
+            extension("_sampler", links_llama=True),
+            extension("_core", links_llama=True),
+            extension("_engine", links_llama=True),
         ],
         cmdclass={"build_ext": BuildExt},
     )

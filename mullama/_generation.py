@@ -10,10 +10,12 @@ same context stops decoding at once.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from mullama._engine._engine import Request
+from mullama._engine._ring import CLOSED, EMPTY
 from mullama.errors import StreamingError
 from mullama.types import GenerationStats, TokenData
 
@@ -44,9 +46,9 @@ class TokenIterator(Iterator[TokenData]):
         self._logprobs = logprobs
         self._top = top_logprobs
         self._generation: int | None = None
+        self._request: Request | None = None
         self._done = False
         self._index = 0
-        self._cached = 0
         self._t0: float | None = None
         self._t_first: float | None = None
         self._t_end: float | None = None
@@ -61,19 +63,28 @@ class TokenIterator(Iterator[TokenData]):
             raise StopIteration
         ctx = self._context
         with ctx._lock:
-            handle = ctx._live_handle()
+            engine = ctx._live_engine()
             if self._generation is None:
-                self._start(handle)
+                self._start()
                 if self._done:
                     raise StopIteration
             elif ctx._generation != self._generation:
                 self._done = True
                 raise StreamingError("this stream was superseded by a newer generation on the same context")
             try:
-                token, raw, finish, logprob, top = handle.step()
+                record = self._next_record(engine)
             except BaseException:
+                # Ctrl-C or another exception between two steps: the generation ends here
+                ctx._abandon(self._request)
                 self._finish("cancelled")
                 raise
+        if record is CLOSED:
+            self._finish("cancelled")
+            err = self._request.error()
+            if err is not None:
+                raise err
+            raise StopIteration
+        token, raw, finish, logprob, top = record
         if self._t_first is None:
             self._t_first = time.perf_counter()
         index = self._index
@@ -81,47 +92,53 @@ class TokenIterator(Iterator[TokenData]):
         if finish:
             reason = _FINISH[finish]
             if reason == "stop" and finish == 2:
-                idx = handle.stop_index
+                idx = self._request.stop_index
                 if idx is not None:
                     self.stop_sequence = self._stops[idx].decode("utf-8", "replace")
             self._finish(reason)
-        return TokenData(raw.decode("utf-8", "replace"), token, bool(finish), logprob, top, index)
+        return TokenData(raw.decode("utf-8", "replace"), token, bool(finish),
+                         logprob if self._logprobs else None, top, index)
 
-    def _start(self, handle) -> None:
+    def _next_record(self, engine: Any) -> Any:
+        """Step the engine on this thread until this generation's next token is out: one
+        prompt chunk per step (Ctrl-C lands between chunks), then one token per step."""
+        ring = self._request.ring
+        idle = 0
+        while True:
+            record = ring.pop(False)
+            if record is not EMPTY:
+                return record
+            if engine.step() == 0:
+                idle += 1
+                if idle > 1:  # pragma: no cover - a bug, never a hang
+                    raise RuntimeError("the engine made no progress on this generation")
+
+    def _start(self) -> None:
         ctx = self._context
         self._t0 = time.perf_counter()
         self._generation = ctx._begin_generation()
         if self._max_tokens == 0:
             self._finish("length")
             return
-        self._cached = handle.begin(self._prompt, self._max_tokens, self._sampler, self._stops,
-                                    self._logprobs, self._top, ctx.reuse_prefix)
-        try:
-            # chunk by chunk, so Ctrl-C and close() from another thread land between chunks
-            while not handle.prefill():
-                pass
-        except BaseException:
-            handle.finish_early()
-            self._finish("cancelled")
-            raise
+        self._request = ctx._request(self._prompt, self._max_tokens, self._sampler, self._stops,
+                                     self._logprobs, self._top)
 
     def _finish(self, reason: str) -> None:
         if self._done:
             return
         self._done = True
-        self._context._generation_ended(self._generation)
         self.finish_reason = reason
         self._t_end = time.perf_counter()
         self._context._last_stats = self.stats
 
     def close(self) -> None:
-        """Stop generating now. The tokens decoded so far stay cached for prefix reuse."""
+        """Stop generating now. With ``reuse_prefix`` the tokens decoded so far stay cached."""
         if self._done:
             return
         ctx = self._context
         with ctx._lock:
-            if self._generation is not None and ctx._generation == self._generation and not ctx.closed:
-                ctx._handle.finish_early()
+            if self._request is not None and ctx._generation == self._generation:
+                ctx._abandon(self._request)
             self._finish("cancelled")
 
     def __enter__(self) -> "TokenIterator":
@@ -144,7 +161,7 @@ class TokenIterator(Iterator[TokenData]):
         t0 = self._t0 if self._t0 is not None else now
         return GenerationStats(
             prompt_tokens=int(self._prompt.shape[0]),
-            cached_tokens=self._cached,
+            cached_tokens=self._request.n_reused if self._request is not None else 0,
             completion_tokens=self._index,
             time_to_first_token=None if self._t_first is None else self._t_first - t0,
             total_time=now - t0,

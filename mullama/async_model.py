@@ -10,13 +10,13 @@ from typing import Any, Iterable
 
 import anyio
 
-from mullama._engine._batch import BatchEngine, Request
+from mullama._engine._engine import Engine, Request
 from mullama._engine._ring import TokenRing
 from mullama.context import _FLASH_ATTN, Context, _positive_int, default_threads, prompt_ids
 from mullama.errors import ClosedError
 from mullama.model import Model
 from mullama.params import SamplerParams
-from mullama.stream import BlockingTokenStream, TokenStream, _BatchJob, _Producer
+from mullama.stream import BlockingTokenStream, TokenStream, _Job
 from mullama.stream_config import StreamConfig
 
 __all__ = ["AsyncModel"]
@@ -24,7 +24,7 @@ __all__ = ["AsyncModel"]
 Prompt = str | Iterable[int]
 
 # engines still running at interpreter exit are stopped before the model is freed
-_running_engines: "weakref.WeakSet[BatchEngine]" = weakref.WeakSet()
+_running_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 _TOKENIZE_OFF_LOOP = 8192  # characters: longer prompts are tokenized in a worker thread
 
 
@@ -63,16 +63,17 @@ class AsyncModel:
         self._model = model
         self._n_parallel = n_parallel
         self._closed = False
-        self._engine: BatchEngine | None = None
+        self._engine: Engine | None = None
         self._contexts: list[Context] = []
-        self._free: list[tuple[Context, _Producer | None]] = []
+        self._free: list[tuple[Context, _Job | None]] = []
         self._waiters: collections.deque[list] = collections.deque()
-        self._live: set[_Producer] = set()
+        self._live: set[_Job] = set()
         self._context_kwargs = dict(context_kwargs, n_threads=threads, n_batch=n_batch, flash_attn=flash_attn,
                                     seed=seed)
         if batching:
-            self._engine = BatchEngine(model._handle, n_parallel, self._n_ctx, n_batch, threads,
-                                       _FLASH_ATTN[key], max_queue, prefill_chunk)
+            self._engine = Engine(model._handle, n_parallel, self._n_ctx, n_batch, threads, threads,
+                                  _FLASH_ATTN[key], True, max_queue, prefill_chunk)
+            self._engine.start()
             _running_engines.add(self._engine)
         else:
             # made now so that bad context settings fail at load time, not at the first stream
@@ -138,7 +139,7 @@ class AsyncModel:
         """Largest cached position per sequence; -1 everywhere when every KV cell is free."""
         if self._engine is not None:
             return self._engine.used_positions()
-        return [c._handle.memory_pos_max() for c in self._contexts if not c.closed]
+        return [pos for c in self._contexts if not c.closed for pos in c.kv_positions()]
 
     # ------------------------------------------------------------ contexts (batching=False)
 
@@ -168,7 +169,7 @@ class AsyncModel:
                 await producer.wait()
         return ctx
 
-    def _release(self, ctx: Context, producer: _Producer | None) -> None:
+    def _release(self, ctx: Context, producer: _Job | None) -> None:
         self._live.discard(producer)
         if self._waiters:
             slot = self._waiters.popleft()
@@ -188,7 +189,7 @@ class AsyncModel:
             raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
         return config
 
-    def _submit(self, prompt: Prompt, config: StreamConfig) -> tuple[_BatchJob | None, int]:
+    def _submit(self, prompt: Prompt, config: StreamConfig) -> tuple[_Job | None, int]:
         ids = prompt_ids(self._model, prompt, self._n_ctx)
         if config.max_tokens == 0:
             return None, int(ids.size)
@@ -196,7 +197,7 @@ class AsyncModel:
         request = Request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
                           self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab, config.top_logprobs)
         self._engine.submit(request)
-        return _BatchJob(request), int(ids.size)
+        return _Job(request), int(ids.size)
 
     async def generate_stream(self, prompt: Prompt, config: StreamConfig | None = None) -> TokenStream:
         """Start generating and return the :class:`TokenStream` of its tokens.
@@ -218,14 +219,11 @@ class AsyncModel:
             if config.max_tokens == 0:
                 return TokenStream(config, None, lambda: self._release(ctx, None), int(ids.size))
             sampler = config.sampler_params().native(self._model.n_vocab, ctx.seed)
-            handle = ctx._live_handle()
-            ring = TokenRing(config.buffer_size)
             with ctx._lock:
                 ctx._begin_generation()
-                handle.begin(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                             config.top_logprobs,
-                             ctx.reuse_prefix)
-            producer = _Producer(ctx, handle, ring)
+                request = ctx._request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
+                                       config.top_logprobs, config.buffer_size)
+            producer = _Job(request, ctx)
             self._live.add(producer)
             producer.start()
         except BaseException:

@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from mullama import errors
-from mullama._engine._context import ContextHandle
+from mullama._engine._engine import Engine, Request
+from mullama._engine._ring import TokenRing
 from mullama._generation import TextStream, TokenIterator
 from mullama.model import Model, as_token_array
 from mullama.params import SamplerParams, check_max_tokens, normalize_stop
@@ -20,6 +21,8 @@ __all__ = ["Context", "default_threads", "prompt_ids"]
 _FLASH_ATTN = {"auto": -1, False: 0, "off": 0, "disabled": 0, True: 1, "on": 1, "enabled": 1}
 MAX_TOP_LOGPROBS = 64
 MAX_N_CTX = 1 << 20
+# SamplerParams.native() of plain greedy decoding
+GREEDY = (0.0, 0, 1.0, 0.0, 1.0, 1.0, 0, 0.0, 0.0, 0, ())
 
 Prompt = str | bytes | Iterable[int] | np.ndarray
 
@@ -118,12 +121,15 @@ class Context:
             seed = SamplerParams(seed=seed).seed
         self._model = model
         self._seed = seed
+        self._n_ctx = n_ctx
         self.reuse_prefix = bool(reuse_prefix)
         self._lock = threading.RLock()
         self._generation = 0
+        self._current: Request | None = None
         self._last_stats: GenerationStats | None = None
-        self._handle = ContextHandle(model._handle, n_ctx, n_batch, threads, threads_batch,
-                                     _FLASH_ATTN[key], bool(swa_full))
+        # the one engine with a single sequence, stepped on the caller's thread
+        self._engine = Engine(model._handle, 1, n_ctx, n_batch, threads, threads_batch, _FLASH_ATTN[key],
+                              bool(swa_full), 4, n_batch)
         model._register(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -132,11 +138,11 @@ class Context:
         """Free the context. Safe to call twice; waits for a running decode step."""
         with self._lock:
             self._generation += 1
-            self._handle.close()
+            self._engine.close()
 
     @property
     def closed(self) -> bool:
-        return self._handle.closed
+        return self._engine.closed
 
     def __enter__(self) -> "Context":
         return self
@@ -144,24 +150,37 @@ class Context:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _live_handle(self) -> ContextHandle:
-        if self._handle.closed:
+    def _live_engine(self) -> Engine:
+        if self._engine.closed:
             raise errors.ClosedError("the context is closed")
         if self._model.closed:
             raise errors.ClosedError("the model of this context is closed")
-        return self._handle
-
-    def _generation_ended(self, generation: int | None) -> None:
-        """Free the KV cells of a finished generation unless they are kept for reuse."""
-        if self.reuse_prefix or generation is None:
-            return
-        with self._lock:
-            if generation == self._generation and not self.closed and not self._model.closed:
-                self._handle.clear()
+        return self._engine
 
     def _begin_generation(self) -> int:
+        """A new generation supersedes the unfinished one (its request ends now).
+        Call with the lock held."""
         self._generation += 1
+        current, self._current = self._current, None
+        if current is not None and not current.done:
+            current.cancel()
+            self._engine.reap()
         return self._generation
+
+    def _abandon(self, request: Request) -> None:
+        """End ``request`` now (lock held): an interrupted or closed iterator."""
+        if not request.done and not self._engine.closed:
+            request.cancel()
+            self._engine.reap()
+
+    def _request(self, ids: np.ndarray, max_tokens: int, sampler: tuple, stops: list[bytes], logprobs: bool,
+                 top: int, buffer_size: int = 1, logits_out: np.ndarray | None = None) -> Request:
+        """Queue a generation on this context's engine (lock held): it starts at the next step."""
+        request = Request(ids, max_tokens, sampler, stops, logprobs, self._n_ctx, TokenRing(buffer_size),
+                          self._model.n_vocab, top, self.reuse_prefix, self.reuse_prefix, logits_out)
+        self._live_engine().submit(request)
+        self._current = request
+        return request
 
     # ------------------------------------------------------------ facts
 
@@ -171,15 +190,15 @@ class Context:
 
     @property
     def n_ctx(self) -> int:
-        return self._handle.n_ctx
+        return self._n_ctx
 
     @property
     def n_batch(self) -> int:
-        return self._handle.n_batch
+        return self._engine.n_batch
 
     @property
     def n_threads(self) -> int:
-        return self._handle.n_threads
+        return self._engine.n_threads
 
     @property
     def seed(self) -> int | None:
@@ -188,12 +207,20 @@ class Context:
     @property
     def n_decode_calls(self) -> int:
         """How many times llama_decode ran on this context (a counter for tests and tuning)."""
-        return self._handle.n_decode_calls
+        return self._engine.n_decode_calls
 
     @property
     def n_cached(self) -> int:
         """Tokens whose keys and values are in the cache (reusable as a prompt prefix)."""
-        return self._handle.n_past
+        return self._engine.n_cached(0)
+
+    def cached_tokens(self) -> list[int]:
+        """The token ids whose keys and values are in the cache, by position."""
+        return self._engine.cached_tokens(0)
+
+    def kv_positions(self) -> list[int]:
+        """Largest cached position of the context's sequence (``[-1]`` when every KV cell is free)."""
+        return self._engine.used_positions()
 
     @property
     def last_stats(self) -> GenerationStats | None:
@@ -203,8 +230,8 @@ class Context:
     def clear_cache(self) -> None:
         """Forget every cached token; the next prompt is evaluated from scratch."""
         with self._lock:
-            self._generation += 1
-            self._live_handle().clear()
+            self._begin_generation()
+            self._live_engine().clear()
 
     # ------------------------------------------------------------ generation
 
@@ -238,7 +265,7 @@ class Context:
         top = _positive_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
         if top and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
-        self._live_handle()
+        self._live_engine()
         ids = self._prompt_ids(prompt)
         sampler = params.native(self._model.n_vocab, self._seed)
         return TokenIterator(self, ids, max_tokens, sampler, stops, bool(logprobs), top)
@@ -278,6 +305,17 @@ class Context:
     def logits(self, prompt: Prompt) -> np.ndarray:
         """Next-token logits after ``prompt`` as a float32 array of ``n_vocab`` values."""
         ids = self._prompt_ids(prompt)
+        out = np.empty(self._model.n_vocab, dtype=np.float32)
         with self._lock:
-            self._generation += 1
-            return self._live_handle().eval_logits(ids, self.reuse_prefix)
+            self._begin_generation()
+            request = self._request(ids, 1, GREEDY, [], False, 0, logits_out=out)
+            try:
+                while not request.done:
+                    self._engine.step()
+            except BaseException:
+                self._abandon(request)
+                raise
+        err = request.error()
+        if err is not None:
+            raise err
+        return out

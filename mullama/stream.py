@@ -32,77 +32,58 @@ __all__ = ["TokenStream", "BlockingTokenStream"]
 _FINISH = {1: "stop", 2: "stop", 3: "length", 4: "length", 5: "cancelled"}
 
 
-class _Producer:
-    """The producer thread of one stream and what it returned."""
+class _Job:
+    """One stream's request on the engine and, when the stream has an engine of its own
+    (``AsyncModel(batching=False)``), the producer thread that steps it."""
 
-    def __init__(self, context: "Context", handle: Any, ring: TokenRing) -> None:
+    def __init__(self, request: Any, context: "Context | None" = None) -> None:
+        self.request = request
+        self.ring = request.ring
         self.context = context
-        self.handle = handle
-        self.ring = ring
-        self.result: tuple[int, int] | None = None
         self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="mullama-producer", daemon=True)
+        self.thread: threading.Thread | None = None
+        if context is not None:
+            self.thread = threading.Thread(target=self._run, name="mullama-producer", daemon=True)
 
     def _run(self) -> None:
         try:
             # the context's lock keeps close() from freeing it under the running decode
             with self.context._lock:
-                self.result = self.handle.produce(self.ring, self.context.reuse_prefix)
+                self.context._live_engine().run_until(self.request)
         except BaseException as exc:  # reported to the consumer, never lost in the thread
             self.failure = exc
+            self.request.cancel()
+            self.ring.close(1)
 
     def start(self) -> None:
-        self.thread.start()
+        if self.thread is not None:
+            self.thread.start()
 
     @property
     def finished(self) -> bool:
-        return not self.thread.is_alive()
+        if self.thread is not None:
+            return not self.thread.is_alive()
+        return self.request.done
 
     def stop(self) -> None:
-        """Ask for the end: a paused producer wakes, a running decode aborts."""
-        self.ring.cancel()
-        self.handle.request_cancel()
+        """Ask for the end: a paused stream wakes, a running decode of it aborts."""
+        self.request.cancel()
 
     async def wait(self) -> None:
-        """Wait (without blocking the event loop) until the thread has ended."""
-        while self.thread.is_alive():
+        """Wait (without blocking the event loop) until the engine has let go of it."""
+        while not self.finished:
             await anyio.sleep(0.001)
-        self.thread.join()
 
     def error(self) -> BaseException | None:
         if self.failure is not None:
             return self.failure
-        if self.result and self.result[0]:
-            return self.handle.error_for(*self.result)
-        return None
-
-
-class _BatchJob:
-    """A request running on the batch engine (same interface as _Producer)."""
-
-    def __init__(self, request: Any) -> None:
-        self.request = request
-        self.ring = request.ring
-
-    @property
-    def finished(self) -> bool:
-        return self.request.done
-
-    def stop(self) -> None:
-        self.request.cancel()
-
-    async def wait(self) -> None:
-        while not self.request.done:
-            await anyio.sleep(0.001)
-
-    def error(self) -> BaseException | None:
         return self.request.error()
 
 
 class _StreamState:
     """What the async and the blocking stream share: bookkeeping and ending."""
 
-    def __init__(self, config: StreamConfig, producer: "_Producer | _BatchJob | None",
+    def __init__(self, config: StreamConfig, producer: "_Job | None",
                  on_done: Callable[[], None] | None, prompt_tokens: int) -> None:
         self._config = config
         self._producer = producer

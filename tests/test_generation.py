@@ -172,9 +172,9 @@ def test_close_is_idempotent_and_use_after_close_raises(model, greedy):
 
 def test_kv_cells_are_freed_when_a_generation_ends(ctx, greedy):
     ctx.generate(PROMPT, max_tokens=4, params=greedy)
-    assert ctx._handle.memory_pos_max() == -1
+    assert ctx.kv_positions()[0] == -1
     stream = ctx.generate_stream(PROMPT, max_tokens=40, params=greedy)
     next(stream)
-    assert ctx._handle.memory_pos_max() >= 0
+    assert ctx.kv_positions()[0] >= 0
     stream.close()
-    assert ctx._handle.memory_pos_max() == -1
+    assert ctx.kv_positions()[0] == -1

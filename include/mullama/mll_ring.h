@@ -29,7 +29,7 @@ extern "C" {
 
 #define MLL_REC_INLINE 48
 /* most alternatives a record carries (OpenAI allows up to 20) */
-#define MLL_REC_TOP 20
+#define MLL_REC_TOP 64
 
 typedef struct mll_tok_rec {
     int32_t token;

@@ -1,8 +1,8 @@
 # cython: language_level=3
 """The consumer side of the token hand-off (mll_ring.h) for the async streams.
 
-The producer side is ``ContextHandle.produce`` in ``_context.pyx``, which
-fills the ring from a native thread without the GIL.
+The producer side is the engine step (``_core.pyx``), which fills the ring
+without the GIL.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -68,6 +68,10 @@ cdef class TokenRing:
 
     def drain_wake(self):
         mll_ring_drain_wake(&self.r)
+
+    def close(self, int error=0):
+        """End the stream from the producer's side (when no engine will fill it again)."""
+        mll_ring_close(&self.r, error)
 
     def cancel(self):
         """Stop the producer: its wait for a free slot returns at once."""

@@ -1,0 +1,87 @@
+# The engine's C state, shared by the step functions (_core.pyx) and the Python-facing
+# classes (_engine.pyx). Everything here is plain C data; the step runs without the GIL.
+
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+from mullama._engine._llama cimport llama_context, llama_vocab, llama_batch, llama_sampler, llama_token, c_bool
+from mullama._engine._mll cimport mll_bell, mll_ring, mll_rows, mll_row_job
+from mullama._engine._pipe cimport TextPipe
+
+
+cdef struct Req:
+    Req * next                    # FIFO link while queued
+    llama_sampler * smpl          # NULL: greedy argmax
+    llama_token * prompt
+    int32_t n_prompt
+    int32_t prefill_pos           # prompt tokens whose keys/values are in the cache
+    int32_t n_past                # all tokens in the cache (prompt, then generated)
+    int32_t n_reused              # prompt tokens found in the slot's cache at admission
+    int32_t max_tokens
+    int32_t n_generated
+    int32_t n_ctx_limit           # prompt + generated tokens allowed
+    llama_token last
+    bint pending_decode
+    bint want_logprob
+    int32_t n_top                 # alternatives to report with each token (<= MLL_REC_TOP)
+    bint reuse                    # start from the longest cached prefix of an idle slot
+    bint keep                     # leave the KV cells in the slot when it ends (for reuse)
+    float * logits_out            # if set: a copy of the first sampled logits row
+    bint parked
+    int32_t out_idx               # row of its logits in the current batch, -1 if none
+    int32_t n_in_batch            # tokens it has in the current batch
+    int finish
+    int err
+    int32_t err_code
+    int cancel
+    int done                      # the engine is finished with it (read by Python)
+    int seq
+    TextPipe pipe
+    mll_ring * ring
+
+
+cdef struct EngineState:
+    llama_context * ctx
+    const llama_vocab * vocab
+    int32_t n_vocab
+    int32_t n_swa                 # sliding-window size (0: none, or the window cache is full-size)
+    llama_batch batch
+    int32_t n_batch
+    int32_t prefill_chunk         # prompt tokens per step while other streams decode
+    Req ** slots
+    int n_slots
+    int n_active
+    int rr                        # where the next prefill round starts (fairness)
+    Req * q_head
+    Req * q_tail
+    int q_len
+    mll_bell bell
+    int stop
+    int64_t n_decode_calls
+    int64_t n_decoded_tokens
+    int64_t n_prefix_hits         # admissions that reused cached tokens
+    int64_t n_reused_tokens       # prompt tokens not evaluated thanks to the cache
+    int64_t decode_ns             # time inside llama_decode
+    int64_t sample_ns             # time sampling and handing tokens out after each decode
+    int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
+                                  # the engine thread (others read this, never llama.cpp itself)
+    int32_t slot_cells            # KV cells of one slot's sequence
+    llama_token * hist            # per slot, slot_cells tokens: what its KV cells hold, by position
+    int32_t * n_hist              # per slot: how many of those are valid
+    uint64_t * used_at            # per slot: when it last ended a request (least recently used)
+    uint64_t clock
+    int32_t * scratch             # one allocation for the three per-slot arrays below
+    int32_t * pad_seq             # sequences given a throw-away token this step (see _build_batch)
+    int32_t * pad_pos             # and the position it took, removed again after the decode
+    int32_t * job_slot            # the slot of each job
+    int n_pad
+    mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
+    mll_row_job * jobs            # one per slot with logits this step
+
+
+cdef int32_t engine_step(EngineState * e) noexcept nogil
+cdef void engine_run(EngineState * e, Req * until) noexcept nogil
+cdef c_bool engine_abort(void * data) noexcept nogil
+cdef void engine_reap(EngineState * e) noexcept nogil
+cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil
+cdef void engine_forget(EngineState * e, int seq) noexcept nogil
+cdef void engine_publish_kv(EngineState * e) noexcept nogil

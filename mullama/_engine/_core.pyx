@@ -1,0 +1,436 @@
+# cython: language_level=3
+"""The one engine step: many sequences share one llama_context and one decode.
+
+``engine_step`` admits queued requests into free slots (reusing the longest
+cached prefix an idle slot holds), drops cancelled ones, builds a batch from
+every running sequence whose consumer has room (one token each) plus chunks of
+waiting prompts, decodes once, samples each sequence with its own sampler, runs
+each sequence's text pipeline and hands the token to that sequence's ring.
+Every driver uses it: the sync ``Context`` steps on the caller's thread,
+``AsyncModel`` and the server on an engine thread (``engine_run``).
+Nothing here touches a Python object.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memcpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from mullama._engine._llama cimport *
+from mullama._engine._mll cimport *
+from mullama._engine._pipe cimport *
+
+
+cdef c_bool engine_abort(void * data) noexcept nogil:
+    """Abort a decode only when every sequence in the batch is cancelled (or at shutdown)."""
+    cdef EngineState * e = <EngineState *> data
+    cdef int i
+    cdef Req * r
+    if e.stop:
+        return True
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r != NULL and r.n_in_batch > 0 and not (r.cancel or r.ring.cancelled):
+            return False
+    return True
+
+
+cdef void engine_forget(EngineState * e, int seq) noexcept nogil:
+    """Free a sequence's KV cells and publish what llama.cpp now reports for it."""
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    llama_memory_seq_rm(mem, seq, -1, -1)
+    e.n_hist[seq] = 0
+    e.kv_pos[seq] = llama_memory_seq_pos_max(mem, seq)
+
+
+cdef void engine_publish_kv(EngineState * e) noexcept nogil:
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    cdef int i
+    for i in range(e.n_slots):
+        e.kv_pos[i] = llama_memory_seq_pos_max(mem, i)
+
+
+cdef void _keep_or_forget(EngineState * e, Req * r, int err) noexcept nogil:
+    """A request ends: its slot keeps the cells it decoded (``keep``) or frees them."""
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    if r.keep and err == ERR_NONE and r.n_past > 0:
+        # a decode that failed or was aborted may have left cells past n_past
+        if llama_memory_seq_rm(mem, r.seq, r.n_past, -1):
+            e.n_hist[r.seq] = r.n_past
+            e.kv_pos[r.seq] = llama_memory_seq_pos_max(mem, r.seq)
+            return
+    engine_forget(e, r.seq)
+
+
+cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil:
+    """The slot's request is over: keep its cells for reuse or free them, close its ring."""
+    cdef Req * r = e.slots[slot]
+    _keep_or_forget(e, r, err)
+    e.clock += 1
+    e.used_at[slot] = e.clock
+    e.slots[slot] = NULL
+    e.n_active -= 1
+    if err != ERR_NONE:
+        r.err = err
+    mll_ring_close(r.ring, 1 if err != ERR_NONE else 0)
+    pthread_mutex_lock(&e.bell.mu)
+    r.done = 1
+    pthread_mutex_unlock(&e.bell.mu)
+
+
+cdef int32_t _common_prefix(EngineState * e, int slot, Req * r) noexcept nogil:
+    cdef const llama_token * h = e.hist + <size_t> slot * e.slot_cells
+    cdef int32_t p = 0
+    cdef int32_t limit = min(e.n_hist[slot], r.n_prompt)
+    while p < limit and h[p] == r.prompt[p]:
+        p += 1
+    return p
+
+
+cdef int _pick_slot(EngineState * e, Req * r, int32_t * prefix) noexcept nogil:
+    """The free slot for ``r``: the one whose cache shares the longest prefix with its
+    prompt, else the least recently used one (its cache is the one given up). -1: none."""
+    cdef int i, best = -1
+    cdef int32_t p, best_p = -1
+    for i in range(e.n_slots):
+        if e.slots[i] != NULL:
+            continue
+        p = _common_prefix(e, i, r) if r.reuse else 0
+        if p > best_p or (p == best_p and e.used_at[i] < e.used_at[best]):
+            best, best_p = i, p
+    prefix[0] = best_p
+    return best
+
+
+cdef int32_t _attach(EngineState * e, int slot, Req * r, int32_t p) noexcept nogil:
+    """Put ``r`` in ``slot`` keeping the first ``p`` cached tokens (fewer when the
+    sliding window no longer covers them). Returns the tokens kept."""
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    cdef llama_pos lo
+    if p >= r.n_prompt:
+        p = r.n_prompt - 1          # the last prompt token is decoded again for its logits
+    if p <= 0 or not llama_memory_seq_rm(mem, slot, p, -1):
+        p = 0
+    elif e.n_swa > 0:
+        # the next token attends to the n_swa positions before it: with a window-sized
+        # cache those may already have been overwritten by the tokens after them
+        lo = llama_memory_seq_pos_min(mem, slot)
+        if lo < 0 or lo > max(0, p - e.n_swa):
+            p = 0
+    if p == 0:
+        engine_forget(e, slot)
+    else:
+        e.n_hist[slot] = p
+        e.n_prefix_hits += 1
+        e.n_reused_tokens += p
+    r.seq = slot
+    r.n_past = p
+    r.prefill_pos = p
+    r.n_reused = p
+    e.slots[slot] = r
+    e.n_active += 1
+    return p
+
+
+cdef void _admit(EngineState * e) noexcept nogil:
+    """Move queued requests into free slots, first come first served."""
+    cdef Req * r
+    cdef int slot
+    cdef int32_t p
+    while e.n_active < e.n_slots:
+        pthread_mutex_lock(&e.bell.mu)
+        r = e.q_head
+        while r != NULL and (r.cancel or r.ring.cancelled):
+            # left before it started: it never decodes anything
+            e.q_head = r.next
+            e.q_len -= 1
+            r.finish = FIN_CANCELLED
+            mll_ring_close(r.ring, 0)
+            r.done = 1
+            r = e.q_head
+        if r != NULL:
+            e.q_head = r.next
+            e.q_len -= 1
+        if e.q_head == NULL:
+            e.q_tail = NULL
+        pthread_mutex_unlock(&e.bell.mu)
+        if r == NULL:
+            return
+        slot = _pick_slot(e, r, &p)
+        _attach(e, slot, r, p)
+
+
+cdef void engine_reap(EngineState * e) noexcept nogil:
+    """End every running request whose consumer cancelled it."""
+    cdef int i
+    cdef Req * r
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r != NULL and (r.cancel or r.ring.cancelled):
+            r.finish = FIN_CANCELLED
+            engine_finish(e, i, ERR_NONE)
+
+
+cdef inline void _put(EngineState * e, int32_t n, llama_token tok, int32_t pos, int seq, bint out) noexcept nogil:
+    e.batch.token[n] = tok
+    e.batch.pos[n] = pos
+    e.batch.n_seq_id[n] = 1
+    e.batch.seq_id[n][0] = seq
+    e.batch.logits[n] = out
+
+
+cdef inline void _put_kept(EngineState * e, int32_t n, llama_token tok, int32_t pos, int seq, bint out) noexcept nogil:
+    """Like _put, for a token that stays in the cache: recorded in the slot's history."""
+    _put(e, n, tok, pos, seq, out)
+    e.hist[<size_t> seq * e.slot_cells + pos] = tok
+
+
+cdef inline bint _can_pad(EngineState * e, int i) noexcept nogil:
+    """Whether slot ``i`` can take a throw-away token this step: free or idle, with room."""
+    cdef Req * r = e.slots[i]
+    if r == NULL:
+        return e.n_hist[i] < e.slot_cells
+    return r.n_in_batch == 0 and r.n_past < e.slot_cells
+
+
+cdef int32_t _build_batch(EngineState * e) noexcept nogil:
+    """Fill the step's batch: one token for each running sequence with room, then prompt chunks.
+
+    Each slot is its own KV stream (not unified), and llama.cpp then splits a batch into
+    micro-batches of equal token counts over runs of consecutive sequence ids: a hole in
+    the run (a parked stream, a free slot between busy ones) would cost a second pass over
+    the weights. Holes are filled with one throw-away token each (its cell is removed after
+    the decode), which costs far less, and tokens go in in slot order."""
+    cdef int32_t n = 0
+    cdef int32_t budget, chunk, j, k, pos
+    cdef int i, idx, lo = -1, hi = -1, odd_fix = -1
+    cdef int n_decoding = 0, n_prefill = 0
+    cdef Req * r
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL:
+            continue
+        r.out_idx = -1
+        r.n_in_batch = 0
+        if not r.pending_decode:
+            continue
+        if mll_ring_space(r.ring) == 0:
+            if not r.parked:
+                mll_ring_note_full(r.ring)
+                r.parked = True
+            continue
+        r.parked = False
+        r.n_in_batch = 1
+        n_decoding += 1
+    budget = e.n_batch - n_decoding
+    if n_decoding and budget > e.prefill_chunk:
+        budget = e.prefill_chunk    # a long prompt must not stall the running streams
+    for k in range(e.n_slots):
+        if budget <= 0:
+            break
+        idx = (e.rr + k) % e.n_slots
+        r = e.slots[idx]
+        if r == NULL or r.prefill_pos >= r.n_prompt:
+            continue
+        chunk = r.n_prompt - r.prefill_pos
+        if chunk > budget:
+            chunk = budget
+        r.n_in_batch = chunk
+        budget -= chunk
+    e.rr = (e.rr + 1) % e.n_slots
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r != NULL and r.n_in_batch > 0:
+            if lo < 0:
+                lo = i
+            hi = i
+            if r.prefill_pos < r.n_prompt:
+                n_prefill += 1
+    e.n_pad = 0
+    if lo < 0:
+        e.batch.n_tokens = 0
+        return 0
+    # An odd number of logits rows (3, 5, 7...) costs more than one more row on the CPU
+    # kernels here: with 7 streams a step takes longer than with 8. So a decode step with
+    # an odd count asks for one extra row: a hole's throw-away token, or one just beside.
+    if n_prefill == 0 and n_decoding >= 3 and n_decoding % 2 == 1:
+        for i in range(lo + 1, hi):
+            if _can_pad(e, i):
+                odd_fix = i
+                break
+        if odd_fix < 0 and hi + 1 < e.n_slots and _can_pad(e, hi + 1):
+            hi += 1
+            odd_fix = hi
+        elif odd_fix < 0 and lo > 0 and _can_pad(e, lo - 1):
+            lo -= 1
+            odd_fix = lo
+    for i in range(lo, hi + 1):
+        r = e.slots[i]
+        if r == NULL or r.n_in_batch == 0:
+            if _can_pad(e, i) and n < e.n_batch:
+                # after the cached tokens, so that removing it leaves them intact
+                pos = r.n_past if r != NULL else e.n_hist[i]
+                _put(e, n, r.last if r != NULL else 0, pos, i, i == odd_fix)
+                e.pad_seq[e.n_pad] = i
+                e.pad_pos[e.n_pad] = pos
+                e.n_pad += 1
+                n += 1
+        elif r.prefill_pos < r.n_prompt:
+            for j in range(r.n_in_batch):
+                _put_kept(e, n + j, r.prompt[r.prefill_pos + j], r.prefill_pos + j, i, False)
+            if r.prefill_pos + r.n_in_batch == r.n_prompt:
+                e.batch.logits[n + r.n_in_batch - 1] = 1
+                r.out_idx = n + r.n_in_batch - 1
+            n += r.n_in_batch
+        else:
+            _put_kept(e, n, r.last, r.n_past, i, True)
+            r.out_idx = n
+            n += 1
+    e.batch.n_tokens = n
+    return n
+
+
+cdef void _drop_pads(EngineState * e) noexcept nogil:
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    cdef int k
+    for k in range(e.n_pad):
+        llama_memory_seq_rm(mem, e.pad_seq[k], e.pad_pos[k], -1)
+    e.n_pad = 0
+
+
+cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept nogil:
+    """Choose the slot's token from its row (whose statistics ``job`` holds), run the text
+    pipeline and hand the token to the ring."""
+    cdef Req * r = e.slots[slot]
+    cdef float logprob = 0.0
+    cdef int rc
+    cdef mll_tok_rec * rec
+    cdef llama_token tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
+    rec = mll_ring_slot(r.ring)
+    rec.n_top = 0
+    if r.want_logprob:
+        rec.n_top = token_logprobs(job, tok, &logprob)   # the job wrote the alternatives into rec
+    r.n_generated += 1
+    r.pipe.out_len = 0
+    if llama_vocab_is_eog(e.vocab, tok):
+        r.finish = FIN_EOS
+        pipe_flush(&r.pipe)
+    else:
+        rc = pipe_push(&r.pipe, e.vocab, tok)
+        if rc < 0:
+            return ERR_NOMEM
+        if rc == 1:
+            r.finish = FIN_STOP
+        elif r.n_generated >= r.max_tokens:
+            r.finish = FIN_MAX_TOKENS
+        elif r.n_prompt + r.n_generated >= r.n_ctx_limit:
+            r.finish = FIN_CONTEXT
+        if r.finish != FIN_NONE and r.finish != FIN_STOP:
+            pipe_flush(&r.pipe)
+    # room was checked before the token joined the batch, and only we add records
+    rec.token = tok
+    rec.finish = r.finish
+    rec.logprob = logprob
+    if mll_ring_set_text(rec, r.pipe.out, <unsigned int> r.pipe.out_len) < 0:
+        return ERR_NOMEM
+    if r.finish != FIN_NONE:
+        # the slot lets go (cells kept or freed) before the consumer can see the final token
+        _keep_or_forget(e, r, ERR_NONE)
+        mll_ring_commit(r.ring)
+        engine_finish(e, slot, ERR_NONE)
+    else:
+        mll_ring_commit(r.ring)
+        r.last = tok
+        r.pending_decode = True
+    return ERR_NONE
+
+
+cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
+    cdef int i, k, err
+    cdef int32_t n_jobs = 0
+    cdef Req * r
+    cdef mll_tok_rec * rec
+    cdef const float * logits
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or r.n_in_batch == 0:
+            continue
+        if rc != 0:
+            if rc == 2 and (r.cancel or r.ring.cancelled):
+                r.finish = FIN_CANCELLED
+                engine_finish(e, i, ERR_NONE)
+            else:
+                r.err_code = rc
+                engine_finish(e, i, ERR_DECODE)
+            continue
+        r.n_past += r.n_in_batch
+        e.n_hist[i] = r.n_past
+        e.n_decoded_tokens += r.n_in_batch
+        if r.prefill_pos < r.n_prompt:
+            r.prefill_pos += r.n_in_batch
+        else:
+            r.pending_decode = False
+        if r.out_idx < 0:
+            continue
+        logits = llama_get_logits_ith(e.ctx, r.out_idx)
+        if logits == NULL:
+            engine_finish(e, i, ERR_NO_LOGITS)
+            continue
+        if r.logits_out != NULL:
+            memcpy(r.logits_out, logits, e.n_vocab * sizeof(float))
+            r.logits_out = NULL
+        rec = mll_ring_slot(r.ring)
+        row_job(&e.jobs[n_jobs], logits, r.smpl, r.want_logprob, r.n_top, rec.top_ids, rec.top_logprobs)
+        e.job_slot[n_jobs] = i
+        n_jobs += 1
+    if n_jobs == 0:
+        return
+    # the rows' reductions, spread over the decode's threads; then each stream in slot order
+    mll_rows_compute(&e.rows, n_jobs)
+    for k in range(n_jobs):
+        i = e.job_slot[k]
+        err = _sample_and_push(e, i, &e.jobs[k])
+        if err != ERR_NONE and e.slots[i] != NULL:
+            engine_finish(e, i, err)
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t> ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int32_t engine_step(EngineState * e) noexcept nogil:
+    """One step: admit, reap, decode one batch, hand out its tokens. Returns the number
+    of tokens decoded (0: nothing could run — every request is parked, or none is left)."""
+    cdef int32_t n, rc
+    cdef int64_t t0, t1
+    _admit(e)
+    engine_reap(e)
+    n = _build_batch(e)
+    if n == 0:
+        engine_publish_kv(e)
+        return 0
+    e.n_decode_calls += 1
+    t0 = _now_ns()
+    rc = llama_decode(e.ctx, e.batch)
+    t1 = _now_ns()
+    _drop_pads(e)
+    _after_decode(e, rc)
+    engine_publish_kv(e)
+    e.decode_ns += t1 - t0
+    e.sample_ns += _now_ns() - t1
+    return n
+
+
+cdef void engine_run(EngineState * e, Req * until) noexcept nogil:
+    """Step until the engine stops (or, with ``until``, that request is done); sleep on
+    the bell while nothing can run."""
+    cdef uint64_t seen
+    while True:
+        seen = mll_bell_seen(&e.bell)
+        if e.stop or (until != NULL and until.done):
+            return
+        if engine_step(e) == 0:
+            if until != NULL and until.done:
+                return
+            mll_bell_wait(&e.bell, seen)

@@ -1,0 +1,399 @@
+# cython: language_level=3
+"""The engine's Python face: ``Request`` (one generation) and ``Engine`` (one
+llama_context with ``n_slots`` sequences and the step of ``_core.pyx``).
+
+Drivers differ only in where steps run: ``Engine.step()`` on the calling
+thread (the sync ``Context``), ``Engine.run_until(request)`` on a producer
+thread, or ``Engine.start()`` for an engine thread serving every request
+(``AsyncModel`` and the server).
+"""
+
+import threading
+
+from libc.stdint cimport int32_t
+from libc.stdlib cimport calloc, malloc, free
+from libc.string cimport memcpy
+
+from mullama._engine._llama cimport *
+from mullama._engine._mll cimport *
+from mullama._engine._threads cimport attach_pools, free_pools
+from mullama._engine._pipe cimport *
+from mullama._engine._text cimport StopSet
+from mullama._engine._model cimport ModelHandle
+from mullama._engine._ring cimport TokenRing
+from mullama._engine._sampler cimport make_sampler
+from mullama._engine._core cimport *
+from mullama import errors
+
+
+cdef class Request:
+    """One queued or running generation of the engine (owns its C state).
+
+    ``sampler`` is the tuple of ``SamplerParams.native``. ``reuse``: start from
+    the longest prefix of the prompt an idle slot still holds; ``keep``: leave
+    the cells in the slot when it ends. ``logits_out``: a float32 array of
+    ``n_vocab`` values that receives the logits the first token is sampled from.
+    """
+
+    cdef Req r
+    cdef readonly TokenRing ring
+    cdef StopSet _stops
+    cdef object _logits_out
+    cdef object __weakref__
+
+    def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
+                  bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab,
+                  int n_top=0, bint reuse=False, bint keep=False, float[::1] logits_out=None):
+        cdef Py_ssize_t n = prompt.shape[0]
+        if n <= 0:
+            raise ValueError("the prompt is empty")
+        for i in range(n):
+            if prompt[i] < 0 or prompt[i] >= n_vocab:
+                raise IndexError(f"prompt token id {prompt[i]} at position {i} is outside the "
+                                 f"vocabulary [0, {n_vocab})")
+        self.ring = ring
+        self.r.n_prompt = <int32_t> n
+        self.r.prompt = <llama_token *> malloc(n * sizeof(llama_token))
+        if self.r.prompt == NULL:
+            raise MemoryError()
+        memcpy(self.r.prompt, &prompt[0], n * sizeof(llama_token))
+        self.r.max_tokens = max_tokens
+        self.r.n_ctx_limit = n_ctx_limit
+        self.r.want_logprob = want_logprob
+        self.r.n_top = min(max(n_top, 0), MLL_REC_TOP) if want_logprob else 0
+        self.r.reuse = reuse
+        self.r.keep = keep
+        self.r.out_idx = -1
+        self.r.ring = &ring.r
+        if logits_out is not None:
+            if logits_out.shape[0] != n_vocab:
+                raise ValueError("logits_out must hold n_vocab values")
+            self._logits_out = logits_out
+            self.r.logits_out = &logits_out[0]
+        self._stops = StopSet(stops)
+        self._stops.bind(&self.r.pipe.stop)
+        pipe_start(&self.r.pipe)
+        if pipe_reserve(&self.r.pipe, 256) < 0:
+            raise MemoryError()
+        self.r.smpl = make_sampler(sampler, n_vocab, n_ctx_limit, prompt)
+
+    def __dealloc__(self):
+        if self.r.smpl != NULL:
+            llama_sampler_free(self.r.smpl)
+        free(self.r.prompt)
+        pipe_free(&self.r.pipe)
+
+    def cancel(self):
+        """Ask the engine to drop this request; it stops within one step."""
+        self.r.cancel = 1
+        self.ring.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self.r.done != 0
+
+    @property
+    def n_prompt(self) -> int:
+        return self.r.n_prompt
+
+    @property
+    def n_reused(self) -> int:
+        """Prompt tokens taken from the cache instead of being evaluated."""
+        return self.r.n_reused
+
+    @property
+    def n_generated(self) -> int:
+        return self.r.n_generated
+
+    @property
+    def stop_index(self):
+        """Which stop string ended the generation, or None."""
+        return self.r.pipe.stop.matched_index if self.r.pipe.stop.matched else None
+
+    def error(self):
+        """The exception for a failed request, or None."""
+        if self.r.err == ERR_DECODE:
+            try:
+                errors.raise_for_decode(self.r.err_code)
+            except errors.GenerationError as exc:
+                return exc
+        if self.r.err == ERR_NO_LOGITS:
+            return errors.GenerationError("llama.cpp returned no logits for the last token")
+        if self.r.err == ERR_NOMEM:
+            return MemoryError()
+        return None
+
+
+cdef class Engine:
+    """One llama_context with ``n_slots`` sequences of ``n_ctx_per_slot`` cells each.
+
+    Not thread-safe by itself: either one engine thread steps it (``start``),
+    or its owner serialises ``step``/``run_until``/``clear`` with a lock.
+    ``submit`` and the read-only properties are safe from any thread.
+    """
+
+    cdef EngineState e
+    cdef ggml_threadpool * _pool
+    cdef ggml_threadpool * _pool_batch
+    cdef readonly ModelHandle model
+    cdef readonly int n_ctx_per_slot
+    cdef readonly int n_ctx_internal
+    cdef readonly int max_queue
+    cdef readonly int n_threads
+    cdef object _thread
+    cdef object _inflight
+    cdef object _lock
+    cdef object __weakref__
+
+    def __cinit__(self, ModelHandle model not None, int n_slots, int n_ctx_per_slot, int n_batch,
+                  int n_threads, int n_threads_batch, int flash_attn, bint swa_full=True,
+                  int max_queue=64, int prefill_chunk=256):
+        cdef llama_context_params params
+        cdef int i
+        model.check_open()
+        self.model = model
+        self.n_ctx_per_slot = n_ctx_per_slot
+        self.max_queue = max_queue
+        self.n_threads = n_threads
+        self._inflight = {}
+        self._lock = threading.Lock()
+        mll_bell_init(&self.e.bell)
+        params = llama_context_default_params()
+        params.n_ctx = n_slots * n_ctx_per_slot
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_slots
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        params.flash_attn_type = <llama_flash_attn_type> flash_attn
+        params.kv_unified = False
+        params.swa_full = swa_full
+        params.no_perf = True
+        params.abort_callback = engine_abort
+        params.abort_callback_data = &self.e
+        from mullama._engine._model import take_log
+        take_log()
+        with nogil:
+            self.e.ctx = llama_init_from_model(model.model, params)
+        if self.e.ctx == NULL:
+            raise errors.context_create_error(take_log().strip().replace("\n", "; ")[-300:])
+        if attach_pools(self.e.ctx, n_threads, n_threads_batch, &self._pool, &self._pool_batch) < 0:
+            raise errors.context_create_error("ggml could not create its thread pool")
+        self.n_ctx_internal = llama_n_ctx(self.e.ctx)
+        self.e.vocab = model.vocab
+        self.e.n_vocab = model.n_vocab
+        self.e.n_swa = 0 if swa_full else max(0, llama_model_n_swa(model.model))
+        self.e.n_batch = llama_n_batch(self.e.ctx)
+        self.e.prefill_chunk = max(1, min(prefill_chunk, self.e.n_batch))
+        self.e.n_slots = n_slots
+        self.e.slot_cells = <int32_t> (self.n_ctx_internal // n_slots)
+        self.e.slots = <Req **> calloc(n_slots, sizeof(Req *))
+        self.e.kv_pos = <int32_t *> malloc(n_slots * sizeof(int32_t))
+        self.e.n_hist = <int32_t *> calloc(n_slots, sizeof(int32_t))
+        self.e.used_at = <uint64_t *> calloc(n_slots, sizeof(uint64_t))
+        self.e.hist = <llama_token *> malloc(<size_t> n_slots * self.e.slot_cells * sizeof(llama_token))
+        self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
+        self.e.scratch = <int32_t *> calloc(3 * n_slots, sizeof(int32_t))
+        self.e.jobs = <mll_row_job *> calloc(n_slots, sizeof(mll_row_job))
+        if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.n_hist == NULL or self.e.used_at == NULL
+                or self.e.hist == NULL or self.e.batch.token == NULL or self.e.scratch == NULL
+                or self.e.jobs == NULL):
+            raise MemoryError()
+        self.e.pad_seq = self.e.scratch
+        self.e.pad_pos = self.e.scratch + n_slots
+        self.e.job_slot = self.e.scratch + 2 * n_slots
+        if mll_rows_init(&self.e.rows, self.e.jobs, self.e.n_vocab, n_threads, self._pool) < 0:
+            raise MemoryError()
+        for i in range(n_slots):
+            self.e.kv_pos[i] = -1
+
+    # ----------------------------------------------------------- drivers
+
+    def start(self):
+        """Run the engine on a thread of its own until ``close()``."""
+        self._thread = threading.Thread(target=self._run, name="mullama-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        with nogil:
+            engine_run(&self.e, NULL)
+
+    def step(self) -> int:
+        """One engine step on this thread (GIL released). Returns the tokens decoded:
+        0 when nothing could run."""
+        cdef int32_t n
+        self._check_open()
+        with nogil:
+            n = engine_step(&self.e)
+        return n
+
+    def run_until(self, Request req not None):
+        """Step on this thread (GIL released) until ``req`` is done, sleeping while its
+        consumer has no room."""
+        self._check_open()
+        with nogil:
+            engine_run(&self.e, &req.r)
+
+    def reap(self):
+        """End the cancelled requests now (for a driver that steps on its own thread)."""
+        if self.e.ctx != NULL:
+            engine_reap(&self.e)
+
+    def clear(self):
+        """Forget every idle slot's cached tokens (running requests keep theirs)."""
+        cdef int i
+        self._check_open()
+        for i in range(self.e.n_slots):
+            if self.e.slots[i] == NULL:
+                engine_forget(&self.e, i)
+
+    cdef int _check_open(self) except -1:
+        if self.e.ctx == NULL or self.e.stop:
+            raise errors.ClosedError("the engine is closed")
+        if self.model.closed:
+            raise errors.ClosedError("the model of this engine is closed")
+        return 0
+
+    def submit(self, Request req not None):
+        """Queue ``req``; raises QueueFullError when ``max_queue`` requests already wait."""
+        self._check_open()
+        with self._lock:
+            for key in [k for k, v in self._inflight.items() if (<Request> v).r.done]:
+                del self._inflight[key]
+            pthread_mutex_lock(&self.e.bell.mu)
+            full = self.e.q_len >= self.max_queue
+            if not full:
+                req.r.next = NULL
+                if self.e.q_tail != NULL:
+                    self.e.q_tail.next = &req.r
+                else:
+                    self.e.q_head = &req.r
+                self.e.q_tail = &req.r
+                self.e.q_len += 1
+            pthread_mutex_unlock(&self.e.bell.mu)
+            if full:
+                raise errors.QueueFullError(
+                    f"{self.max_queue} requests are already waiting for a slot; try again later")
+            # the engine holds a C pointer to req: keep the object alive until it is done
+            self._inflight[id(req)] = req
+        req.ring.r.on_space = mll_bell_ring
+        req.ring.r.on_space_arg = &self.e.bell
+        mll_bell_ring(&self.e.bell)
+
+    def wake(self):
+        mll_bell_ring(&self.e.bell)
+
+    # ----------------------------------------------------------- lifecycle
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self) noexcept:
+        if self.e.ctx != NULL:
+            llama_free(self.e.ctx)
+            self.e.ctx = NULL
+        mll_rows_free(&self.e.rows)
+        free_pools(&self._pool, &self._pool_batch)
+        if self.e.batch.token != NULL:
+            llama_batch_free(self.e.batch)
+            self.e.batch.token = NULL
+        free(self.e.slots)
+        self.e.slots = NULL
+        free(self.e.kv_pos)
+        self.e.kv_pos = NULL
+        free(self.e.jobs)
+        self.e.jobs = NULL
+        free(self.e.scratch)
+        self.e.scratch = NULL
+        free(self.e.hist)
+        self.e.hist = NULL
+        free(self.e.n_hist)
+        self.e.n_hist = NULL
+        free(self.e.used_at)
+        self.e.used_at = NULL
+
+    def close(self):
+        """Stop the engine; running and queued requests end as cancelled. The caller
+        makes sure no other thread is inside ``step``/``run_until``."""
+        cdef Req * r
+        cdef int i
+        if self.e.ctx == NULL:
+            return
+        self.e.stop = 1
+        mll_bell_ring(&self.e.bell)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for i in range(self.e.n_slots):
+            if self.e.slots[i] != NULL:
+                self.e.slots[i].finish = FIN_CANCELLED
+                engine_finish(&self.e, i, ERR_NONE)
+        r = self.e.q_head
+        while r != NULL:
+            mll_ring_close(r.ring, 0)
+            r.done = 1
+            r = r.next
+        self.e.q_head = self.e.q_tail = NULL
+        self.e.q_len = 0
+        self._free()
+        self._inflight.clear()
+
+    # ----------------------------------------------------------- facts
+
+    @property
+    def closed(self) -> bool:
+        return self.e.ctx == NULL
+
+    @property
+    def n_slots(self) -> int:
+        return self.e.n_slots
+
+    @property
+    def n_batch(self) -> int:
+        return self.e.n_batch
+
+    @property
+    def n_active(self) -> int:
+        return self.e.n_active
+
+    @property
+    def queue_depth(self) -> int:
+        return self.e.q_len
+
+    @property
+    def n_decode_calls(self) -> int:
+        return self.e.n_decode_calls
+
+    @property
+    def n_decoded_tokens(self) -> int:
+        return self.e.n_decoded_tokens
+
+    @property
+    def prefix_stats(self) -> dict:
+        """Admissions that reused cached tokens, and how many prompt tokens they skipped."""
+        return {"hits": self.e.n_prefix_hits, "reused_tokens": self.e.n_reused_tokens}
+
+    @property
+    def timing(self) -> dict:
+        """Seconds spent inside llama_decode and after it (sampling, text pipeline,
+        hand-off), summed over all steps."""
+        return {"decode_s": self.e.decode_ns / 1e9, "sample_s": self.e.sample_ns / 1e9}
+
+    def n_cached(self, int slot) -> int:
+        """How many tokens slot ``slot`` holds in its KV cells."""
+        if self.e.ctx == NULL or not 0 <= slot < self.e.n_slots:
+            return 0
+        return self.e.n_hist[slot]
+
+    def cached_tokens(self, int slot) -> list:
+        """The tokens whose keys and values slot ``slot`` holds, by position."""
+        if self.e.ctx == NULL or not 0 <= slot < self.e.n_slots:
+            return []
+        base = <size_t> slot * self.e.slot_cells
+        return [self.e.hist[base + i] for i in range(self.e.n_hist[slot])]
+
+    def used_positions(self) -> list:
+        """Largest cached position of each sequence (-1: its KV cells are free), as llama.cpp's
+        memory API reported it after the engine's last change; safe to call while it decodes."""
+        if self.e.ctx == NULL:
+            return []
+        return [self.e.kv_pos[i] for i in range(self.e.n_slots)]
