@@ -172,6 +172,23 @@ class BuildExt(build_ext):
         super().run()
         self._install_libraries(install_dir)
 
+    def build_extensions(self) -> None:
+        # The Cython output is C and the guard is C++: the C++ standard flag goes to
+        # .cpp files only (gcc warns about it on C). Linking a module with a .cpp
+        # source uses the C++ driver, so libstdc++ comes along.
+        compile_one = getattr(self.compiler, "_compile", None)
+        if compile_one is None:  # not a Unix compiler: leave its defaults alone
+            super().build_extensions()
+            return
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):  # type: ignore[no-untyped-def]
+            if Path(src).suffix == ".cpp":
+                extra_postargs = [*extra_postargs, CXX_STD]
+            compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
     def copy_extensions_to_source(self) -> None:
         # Replace in-place modules atomically: overwriting a loaded .so in place
         # crashes every process that has it mapped.
@@ -196,15 +213,22 @@ class BuildExt(build_ext):
                     _replace_file(real, dest)
 
 
+# llama.cpp throws C++ exceptions from some calls; every extension that calls it
+# gets this small C++ layer, which catches them (mll_guard.h)
+GUARD_SOURCE = "include/mullama/mll_guard.cpp"
+CXX_STD = "-std=c++17"
+
+
 def extension(name: str, links_llama: bool) -> Extension:
     native = _flag("MULLAMA_NATIVE", "1")
     # no errno and no trapping math: lets the compiler vectorise the logits reductions
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + (["-march=native"] if native else [])
+    include = ROOT / "include" / "mullama"
     ext = Extension(
         f"mullama._engine.{name}",
-        [f"mullama/_engine/{name}.pyx"],
-        # our C headers and declarations: editing one rebuilds the modules that use it
-        depends=sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "include" / "mullama").glob("*.h"),
+        [f"mullama/_engine/{name}.pyx"] + ([GUARD_SOURCE] if links_llama else []),
+        # our C/C++ sources and declarations: editing one rebuilds the modules that use it
+        depends=sorted(str(p.relative_to(ROOT)) for p in [*include.glob("*.h"), *include.glob("*.cpp"),
                                                           *(PACKAGE / "_engine").glob("*.pxd")]),
         include_dirs=[],
         extra_compile_args=flags,

@@ -24,6 +24,7 @@ from mullama.errors import (
     QueueFullError,
     StreamingError,
     TemplateError,
+    TokenizerError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
@@ -57,6 +58,7 @@ __all__ = [
     "GenerationError",
     "StreamingError",
     "TemplateError",
+    "TokenizerError",
     "DefaultModelMissingError",
     "ClosedError",
     "DownloadError",

@@ -18,6 +18,7 @@ __all__ = [
     "GenerationError",
     "StreamingError",
     "TemplateError",
+    "TokenizerError",
     "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
@@ -71,6 +72,12 @@ class TemplateError(MullamaError, ValueError):
     """A chat template could not be applied."""
 
 
+class TokenizerError(MullamaError, RuntimeError):
+    """The model's tokenizer failed inside llama.cpp, e.g. a SentencePiece vocabulary
+    without the byte token (``<0x0A>``, ...) that the text needs. A fault of the model
+    file, not of the text: the same text tokenizes with a complete vocabulary."""
+
+
 class DefaultModelMissingError(MullamaError, LookupError):
     """The default model package is not installed."""
 
@@ -116,3 +123,16 @@ def context_create_error(detail: str | None) -> MullamaError:
     if detail:
         msg += f": {detail}"
     return MullamaError(msg)
+
+
+def cxx_exception(what: str, detail: str, cls: type[MullamaError] = MullamaError,
+                  hint: str = "") -> MullamaError:
+    """The exception for a C++ exception that mll_guard caught inside llama.cpp.
+
+    ``what`` names the operation ("tokenize", ...); ``detail`` is the guard's
+    message (the C++ exception's type and ``what()``).
+    """
+    msg = f"{what} failed: llama.cpp threw {detail or 'an unknown C++ exception'}"
+    if hint:
+        msg += f" ({hint})"
+    return cls(msg)

@@ -228,7 +228,10 @@ class Model:
         ``add_special`` adds the model's BOS token where the model wants one;
         ``parse_special`` turns special-token text such as ``<start_of_turn>``
         into the special token instead of tokenizing it as plain text.
-        A ``str`` with lone surrogates raises ``UnicodeEncodeError``.
+        A ``str`` with lone surrogates raises ``UnicodeEncodeError``; a
+        vocabulary llama.cpp's tokenizer fails on (for example a SentencePiece
+        vocabulary without a byte token the text needs) raises
+        :class:`TokenizerError`.
         """
         if isinstance(text, str):
             data = text.encode("utf-8")

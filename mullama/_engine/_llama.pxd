@@ -1,7 +1,7 @@
 # Declarations of the part of llama.h that mullama uses.
 # Pinned llama.cpp: commit 0c1e57098 (vendor/llama.cpp.pin). No logic here.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 cdef extern from "<stdbool.h>":
     ctypedef bint c_bool "bool"
@@ -179,6 +179,12 @@ cdef extern from "llama.h" nogil:
     int32_t llama_decode(llama_context * ctx, llama_batch batch)
     float * llama_get_logits_ith(llama_context * ctx, int32_t i)
 
+    # sequence state
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size,
+                                    llama_seq_id dest_seq_id)
+
     # sampling
     llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params)
     void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl)
@@ -198,3 +204,5 @@ cdef extern from "llama.h" nogil:
                                                  float penalty_present)
     llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
                                                   const llama_logit_bias * logit_bias)
+    llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
+                                               const char * grammar_root)

@@ -3,6 +3,10 @@
 
 Also installs llama.cpp's log hook once per process: messages are kept (the
 last few errors explain a failed load) and printed only when MULLAMA_LOG asks.
+
+Every llama.cpp call here that can throw a C++ exception goes through
+mll_guard.h; a caught exception becomes a mullama exception naming the
+operation and llama.cpp's message.
 """
 
 import os
@@ -13,6 +17,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, strlen
 
 from mullama._engine._llama cimport *
+from mullama._engine._guard cimport *
 from mullama import errors
 
 # ---------------------------------------------------------------- logging
@@ -89,6 +94,22 @@ def supports_gpu_offload() -> bool:
     return llama_supports_gpu_offload()
 
 
+cdef inline bint _threw() noexcept nogil:
+    """True when the last guarded call on this thread caught a C++ exception."""
+    return mll_guard_error()[0] != 0
+
+
+cdef int _raise_if_threw(str what, cls=errors.MullamaError, str hint="") except -1:
+    """Raise for a C++ exception caught by the last guarded call on this thread."""
+    if _threw():
+        raise errors.cxx_exception(what, mll_guard_error().decode("utf-8", "replace"), cls, hint)
+    return 0
+
+
+cdef str _vocab_hint(str path):
+    return f"the vocabulary of {path!r} is broken or not supported"
+
+
 def _last_error_line() -> str:
     lines = [ln.strip() for ln in take_log().splitlines() if ln.strip()]
     picked = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
@@ -118,8 +139,11 @@ cdef class ModelHandle:
         params.vocab_only = vocab_only
         take_log()
         with nogil:
-            self.model = llama_model_load_from_file(cpath, params)
+            self.model = mll_model_load_from_file(cpath, params)
         if self.model == NULL:
+            if _threw():
+                raise errors.model_load_error(
+                    path, "llama.cpp threw " + mll_guard_error().decode("utf-8", "replace"))
             raise errors.model_load_error(path, _last_error_line())
         self.vocab = llama_model_get_vocab(self.model)
         self.n_vocab = llama_vocab_n_tokens(self.vocab)
@@ -153,7 +177,9 @@ cdef class ModelHandle:
     def info(self) -> dict:
         self.check_open()
         cdef char buf[256]
-        llama_model_desc(self.model, buf, sizeof(buf))
+        if mll_model_desc(self.model, buf, sizeof(buf)) == MLL_CXX_ERROR:
+            _raise_if_threw("reading the model description")
+            buf[0] = 0
         return {
             "desc": buf.decode("utf-8", "replace"),
             "n_vocab": self.n_vocab,
@@ -183,18 +209,24 @@ cdef class ModelHandle:
             raise MemoryError()
         try:
             for i in range(n):
-                size = llama_model_meta_key_by_index(self.model, i, buf, cap)
+                size = mll_model_meta_key_by_index(self.model, i, buf, cap)
+                if size == MLL_CXX_ERROR:
+                    _raise_if_threw("reading the model metadata")
                 if size < 0:
                     continue
                 key = buf[:min(<size_t> size, cap - 1)].decode("utf-8", "replace")
-                size = llama_model_meta_val_str_by_index(self.model, i, buf, cap)
+                size = mll_model_meta_val_str_by_index(self.model, i, buf, cap)
+                if size == MLL_CXX_ERROR:
+                    _raise_if_threw("reading the model metadata")
                 if size >= <int32_t> cap:
                     free(buf)
                     cap = size + 1
                     buf = <char *> malloc(cap)
                     if buf == NULL:
                         raise MemoryError()
-                    size = llama_model_meta_val_str_by_index(self.model, i, buf, cap)
+                    size = mll_model_meta_val_str_by_index(self.model, i, buf, cap)
+                    if size == MLL_CXX_ERROR:
+                        _raise_if_threw("reading the model metadata")
                 if size < 0:
                     continue
                 out[key] = buf[:min(<size_t> size, cap - 1)].decode("utf-8", "replace")
@@ -208,11 +240,12 @@ cdef class ModelHandle:
         cdef const char * tmpl
         cdef bytes bname
         if name is None:
-            tmpl = llama_model_chat_template(self.model, NULL)
+            tmpl = mll_model_chat_template(self.model, NULL)
         else:
             bname = name.encode()
-            tmpl = llama_model_chat_template(self.model, bname)
+            tmpl = mll_model_chat_template(self.model, bname)
         if tmpl == NULL:
+            _raise_if_threw("reading the chat template", errors.TemplateError)
             return None
         return tmpl.decode("utf-8", "replace")
 
@@ -234,6 +267,7 @@ cdef class ModelHandle:
     # ----------------------------------------------------------- text
 
     def tokenize(self, bytes text not None, bint add_special=True, bint parse_special=False) -> list:
+        """Token ids of ``text``. Raises TokenizerError when llama.cpp's tokenizer throws."""
         self.check_open()
         cdef Py_ssize_t n_text = len(text)
         cdef const char * ctext = text
@@ -247,9 +281,11 @@ cdef class ModelHandle:
             raise MemoryError()
         try:
             with nogil:
-                n = llama_tokenize(self.vocab, ctext, <int32_t> n_text, buf, cap, add_special, parse_special)
+                n = mll_tokenize(self.vocab, ctext, <int32_t> n_text, buf, cap, add_special, parse_special)
             if n < 0:
-                if n == -0x80000000:
+                if n == MLL_CXX_ERROR:
+                    # INT32_MIN is also llama.cpp's own "too many tokens" answer
+                    _raise_if_threw("tokenize", errors.TokenizerError, _vocab_hint(self.path))
                     raise ValueError("tokenization overflowed the token count limit")
                 cap = -n
                 free(buf)
@@ -257,9 +293,10 @@ cdef class ModelHandle:
                 if buf == NULL:
                     raise MemoryError()
                 with nogil:
-                    n = llama_tokenize(self.vocab, ctext, <int32_t> n_text, buf, cap, add_special,
-                                       parse_special)
+                    n = mll_tokenize(self.vocab, ctext, <int32_t> n_text, buf, cap, add_special,
+                                     parse_special)
                 if n < 0:
+                    _raise_if_threw("tokenize", errors.TokenizerError, _vocab_hint(self.path))
                     raise RuntimeError("llama_tokenize failed")
             return [buf[i] for i in range(n)]
         finally:
@@ -269,15 +306,19 @@ cdef class ModelHandle:
         self.check_open()
         self._check_id(token)
         cdef char small[64]
-        cdef int32_t n = llama_token_to_piece(self.vocab, token, small, sizeof(small), 0, special)
+        cdef int32_t n = mll_token_to_piece(self.vocab, token, small, sizeof(small), 0, special)
         cdef char * big
+        if n == MLL_CXX_ERROR:
+            _raise_if_threw("token_to_piece", errors.TokenizerError, _vocab_hint(self.path))
         if n >= 0:
             return small[:n]
         big = <char *> malloc(-n)
         if big == NULL:
             raise MemoryError()
         try:
-            n = llama_token_to_piece(self.vocab, token, big, -n, 0, special)
+            n = mll_token_to_piece(self.vocab, token, big, -n, 0, special)
+            if n == MLL_CXX_ERROR:
+                _raise_if_threw("token_to_piece", errors.TokenizerError, _vocab_hint(self.path))
             return big[:max(n, 0)]
         finally:
             free(big)
@@ -303,8 +344,10 @@ cdef class ModelHandle:
             raise MemoryError()
         try:
             with nogil:
-                size = llama_detokenize(self.vocab, <const llama_token *> &ids[0], <int32_t> n, buf, cap,
-                                        remove_special, unparse_special)
+                size = mll_detokenize(self.vocab, <const llama_token *> &ids[0], <int32_t> n, buf, cap,
+                                      remove_special, unparse_special)
+            if size == MLL_CXX_ERROR:
+                _raise_if_threw("detokenize", errors.TokenizerError, _vocab_hint(self.path))
             if size < 0:
                 cap = -size
                 free(buf)
@@ -312,9 +355,10 @@ cdef class ModelHandle:
                 if buf == NULL:
                     raise MemoryError()
                 with nogil:
-                    size = llama_detokenize(self.vocab, <const llama_token *> &ids[0], <int32_t> n, buf,
-                                            cap, remove_special, unparse_special)
+                    size = mll_detokenize(self.vocab, <const llama_token *> &ids[0], <int32_t> n, buf,
+                                          cap, remove_special, unparse_special)
                 if size < 0:
+                    _raise_if_threw("detokenize", errors.TokenizerError, _vocab_hint(self.path))
                     raise RuntimeError("llama_detokenize failed")
             return PyBytes_FromStringAndSize(buf, size)
         finally:
@@ -323,7 +367,7 @@ cdef class ModelHandle:
     def apply_chat_template(self, bytes template not None, list messages, bint add_assistant) -> bytes:
         """Render ``messages`` (a list of (role, content) byte pairs) with a built-in template.
 
-        Raises TemplateError when llama.cpp does not recognise the template.
+        Raises TemplateError when llama.cpp does not recognise the template or throws.
         """
         cdef Py_ssize_t i, n = len(messages)
         cdef llama_chat_message * chat = <llama_chat_message *> malloc(max(n, 1) * sizeof(llama_chat_message))
@@ -344,14 +388,18 @@ cdef class ModelHandle:
             buf = <char *> malloc(cap)
             if buf == NULL:
                 raise MemoryError()
-            size = llama_chat_apply_template(template, chat, n, add_assistant, buf, cap)
+            size = mll_chat_apply_template(template, chat, n, add_assistant, buf, cap)
+            if size == MLL_CXX_ERROR:
+                _raise_if_threw("applying the chat template", errors.TemplateError)
             if size > cap:
                 free(buf)
                 cap = size + 1
                 buf = <char *> malloc(cap)
                 if buf == NULL:
                     raise MemoryError()
-                size = llama_chat_apply_template(template, chat, n, add_assistant, buf, cap)
+                size = mll_chat_apply_template(template, chat, n, add_assistant, buf, cap)
+                if size == MLL_CXX_ERROR:
+                    _raise_if_threw("applying the chat template", errors.TemplateError)
             if size < 0:
                 raise errors.TemplateError("llama.cpp does not support this chat template")
             return buf[:size]
