@@ -32,6 +32,7 @@ cdef struct Req:
     int finish
     int err
     int32_t err_code
+    char err_text[256]            # llama.cpp's exception text when err is ERR_CXX
     int cancel
     int done                      # the engine is finished with it (read by Python)
     int seq

@@ -18,6 +18,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from mullama._engine._llama cimport *
 from mullama._engine._mll cimport *
 from mullama._engine._pipe cimport *
+from mullama._engine._guard cimport mll_decode, MLL_CXX_ERROR
 
 
 cdef c_bool engine_abort(void * data) noexcept nogil:
@@ -305,6 +306,9 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     cdef int rc
     cdef mll_tok_rec * rec
     cdef llama_token tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
+    if tok < 0:
+        keep_guard_error(r.err_text, sizeof(r.err_text))
+        return ERR_CXX
     rec = mll_ring_slot(r.ring)
     rec.n_top = 0
     if r.want_logprob:
@@ -316,6 +320,9 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
         pipe_flush(&r.pipe)
     else:
         rc = pipe_push(&r.pipe, e.vocab, tok)
+        if rc == -2:
+            keep_guard_error(r.err_text, sizeof(r.err_text))
+            return ERR_CXX
         if rc < 0:
             return ERR_NOMEM
         if rc == 1:
@@ -358,6 +365,9 @@ cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
             if rc == 2 and (r.cancel or r.ring.cancelled):
                 r.finish = FIN_CANCELLED
                 engine_finish(e, i, ERR_NONE)
+            elif rc == MLL_CXX_ERROR:
+                keep_guard_error(r.err_text, sizeof(r.err_text))
+                engine_finish(e, i, ERR_CXX)
             else:
                 r.err_code = rc
                 engine_finish(e, i, ERR_DECODE)
@@ -412,7 +422,7 @@ cdef int32_t engine_step(EngineState * e) noexcept nogil:
         return 0
     e.n_decode_calls += 1
     t0 = _now_ns()
-    rc = llama_decode(e.ctx, e.batch)
+    rc = mll_decode(e.ctx, e.batch)
     t1 = _now_ns()
     _drop_pads(e)
     _after_decode(e, rc)

@@ -23,6 +23,7 @@ from mullama._engine._model cimport ModelHandle
 from mullama._engine._ring cimport TokenRing
 from mullama._engine._sampler cimport make_sampler
 from mullama._engine._core cimport *
+from mullama._engine._guard cimport mll_init_from_model, mll_guard_error
 from mullama import errors
 
 
@@ -121,6 +122,9 @@ cdef class Request:
             return errors.GenerationError("llama.cpp returned no logits for the last token")
         if self.r.err == ERR_NOMEM:
             return MemoryError()
+        if self.r.err == ERR_CXX:
+            return errors.cxx_exception("generation", self.r.err_text.decode("utf-8", "replace"),
+                                        errors.GenerationError)
         return None
 
 
@@ -174,9 +178,10 @@ cdef class Engine:
         from mullama._engine._model import take_log
         take_log()
         with nogil:
-            self.e.ctx = llama_init_from_model(model.model, params)
+            self.e.ctx = mll_init_from_model(model.model, params)
         if self.e.ctx == NULL:
-            raise errors.context_create_error(take_log().strip().replace("\n", "; ")[-300:])
+            detail = mll_guard_error().decode("utf-8", "replace") or take_log().strip().replace("\n", "; ")[-300:]
+            raise errors.context_create_error(detail)
         if attach_pools(self.e.ctx, n_threads, n_threads_batch, &self._pool, &self._pool_batch) < 0:
             raise errors.context_create_error("ggml could not create its thread pool")
         self.n_ctx_internal = llama_n_ctx(self.e.ctx)

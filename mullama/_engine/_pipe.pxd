@@ -1,4 +1,4 @@
-# The text pipeline shared by the generation loops (_context.pyx, _batch.pyx):
+# The text pipeline and per-row helpers of the engine step (_core.pyx):
 # token -> bytes -> UTF-8 holdback -> stop-sequence matcher -> printable bytes.
 # Everything here is nogil C on caller-owned buffers.
 
@@ -6,8 +6,10 @@ from libc.stdlib cimport realloc, free
 
 from libc.stdint cimport int32_t
 
-from mullama._engine._llama cimport (llama_vocab, llama_token, llama_token_to_piece, llama_context, llama_sampler,
-                             llama_sampler_sample)
+from libc.string cimport strncpy
+
+from mullama._engine._llama cimport llama_vocab, llama_token, llama_context, llama_sampler
+from mullama._engine._guard cimport mll_token_to_piece, mll_sampler_sample, mll_guard_error, MLL_CXX_ERROR
 from mullama._engine._mll cimport (mll_utf8_hold, mll_utf8_reset, mll_utf8_feed, mll_utf8_flush,
                            mll_stop, mll_stop_feed, mll_stop_flush, mll_row_job)
 
@@ -26,6 +28,7 @@ cdef enum:
     ERR_DECODE = 1
     ERR_NO_LOGITS = 2
     ERR_NOMEM = 3
+    ERR_CXX = 4                   # llama.cpp threw; the guard caught it (message kept in the request)
 
 
 cdef inline void row_job(mll_row_job * job, const float * logits, llama_sampler * smpl, bint want_logprob,
@@ -44,10 +47,11 @@ cdef inline void row_job(mll_row_job * job, const float * logits, llama_sampler 
 cdef inline llama_token choose_token(llama_context * ctx, int32_t idx, llama_sampler * smpl,
                                      const mll_row_job * job) noexcept nogil:
     """The next token from batch row ``idx``: the job's argmax for plain greedy, else the
-    sampler chain's choice (which reads the row, never changes it)."""
+    sampler chain's choice (which reads the row, never changes it). -1 when the sampler
+    threw (``mll_guard_error()`` says what)."""
     if smpl == NULL:
         return job.argmax
-    return llama_sampler_sample(smpl, ctx, idx)
+    return mll_sampler_sample(smpl, ctx, idx)
 
 
 cdef inline int32_t token_logprobs(const mll_row_job * job, llama_token tok, float * logprob) noexcept nogil:
@@ -110,18 +114,23 @@ cdef inline void pipe_flush(TextPipe * p) noexcept nogil:
 cdef inline int pipe_push(TextPipe * p, const llama_vocab * vocab, llama_token tok) noexcept nogil:
     """Run one token through the pipeline into ``out``/``out_len``.
 
-    Returns 1 when a stop sequence completed, 0 otherwise, -1 when out of memory."""
-    cdef int n = llama_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
+    Returns 1 when a stop sequence completed, 0 otherwise, -1 when out of memory, -2 when
+    llama.cpp threw (``mll_guard_error()`` says what)."""
+    cdef int n = mll_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
     cdef char * grown
     cdef size_t k
     p.out_len = 0
+    if n == MLL_CXX_ERROR:
+        return -2
     if n < 0:
         grown = <char *> realloc(p.piece, -n)
         if grown == NULL:
             return -1
         p.piece = grown
         p.piece_cap = -n
-        n = llama_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
+        n = mll_token_to_piece(vocab, tok, p.piece, <int> p.piece_cap, 0, False)
+        if n == MLL_CXX_ERROR:
+            return -2
         if n < 0:
             n = 0
     if pipe_reserve(p, <size_t> n) < 0:
@@ -139,3 +148,9 @@ cdef inline void pipe_free(TextPipe * p) noexcept nogil:
     p.out = NULL
     p.piece_cap = 0
     p.out_cap = 0
+
+
+cdef inline void keep_guard_error(char * dst, size_t cap) noexcept nogil:
+    """Copy the caught C++ exception's text (this thread's) into ``dst``."""
+    strncpy(dst, mll_guard_error(), cap - 1)
+    dst[cap - 1] = 0

@@ -5,6 +5,8 @@ from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 
 from mullama._engine._llama cimport *
+from mullama._engine._guard cimport mll_sampler_accept, mll_guard_error
+from mullama import errors
 
 
 cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, const int[:] prompt) except? NULL:
@@ -42,7 +44,10 @@ cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, con
             n_vocab, last_n, repeat_penalty, frequency_penalty, presence_penalty))
         # the prompt counts as history for the penalties, as in llama.cpp's own tools
         for i in range(max(0, prompt.shape[0] - last_n), prompt.shape[0]):
-            llama_sampler_accept(chain, prompt[i])
+            if mll_sampler_accept(chain, prompt[i]) < 0:
+                detail = mll_guard_error().decode("utf-8", "replace")
+                llama_sampler_free(chain)
+                raise errors.cxx_exception("setting up the sampler", detail, errors.GenerationError)
     if temperature <= 0.0:
         llama_sampler_chain_add(chain, llama_sampler_init_greedy())
         return chain
