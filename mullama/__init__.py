@@ -25,6 +25,7 @@ from mullama.errors import (
     StreamingError,
     TemplateError,
     TokenizerError,
+    StateError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
@@ -59,6 +60,7 @@ __all__ = [
     "StreamingError",
     "TemplateError",
     "TokenizerError",
+    "StateError",
     "DefaultModelMissingError",
     "ClosedError",
     "DownloadError",

@@ -14,6 +14,7 @@ from mullama._engine._ring import TokenRing
 from mullama._generation import TextStream, TokenIterator
 from mullama.model import Model, as_token_array
 from mullama.params import SamplerParams, check_max_tokens, normalize_stop
+from mullama.state import SequenceState
 from mullama.types import GenerationStats
 
 __all__ = ["Context", "default_threads", "prompt_ids"]
@@ -126,6 +127,7 @@ class Context:
         self._lock = threading.RLock()
         self._generation = 0
         self._current: Request | None = None
+        self._reuse_once = False  # load_state(): the next generation continues from it
         self._last_stats: GenerationStats | None = None
         # the one engine with a single sequence, stepped on the caller's thread
         self._engine = Engine(model._handle, 1, n_ctx, n_batch, threads, threads_batch, _FLASH_ATTN[key],
@@ -174,10 +176,14 @@ class Context:
             self._engine.reap()
 
     def _request(self, ids: np.ndarray, max_tokens: int, sampler: tuple, stops: list[bytes], logprobs: bool,
-                 top: int, buffer_size: int = 1, logits_out: np.ndarray | None = None) -> Request:
+                 top: int, buffer_size: int = 1, logits_out: np.ndarray | None = None,
+                 state: SequenceState | None = None) -> Request:
         """Queue a generation on this context's engine (lock held): it starts at the next step."""
+        reuse = self.reuse_prefix or self._reuse_once
+        self._reuse_once = False
         request = Request(ids, max_tokens, sampler, stops, logprobs, self._n_ctx, TokenRing(buffer_size),
-                          self._model.n_vocab, top, self.reuse_prefix, self.reuse_prefix, logits_out)
+                          self._model.n_vocab, top, reuse, self.reuse_prefix, logits_out,
+                          state.data if state is not None else None, state.n_cached if state is not None else 0)
         self._live_engine().submit(request)
         self._current = request
         return request
@@ -217,6 +223,43 @@ class Context:
     def cached_tokens(self) -> list[int]:
         """The token ids whose keys and values are in the cache, by position."""
         return self._engine.cached_tokens(0)
+
+    def save_state(self) -> SequenceState:
+        """A snapshot of the context's sequence: while a stream runs, everything it has
+        decoded plus the token it sampled last; otherwise the cached tokens (kept after a
+        generation with ``reuse_prefix=True``, or loaded with :meth:`load_state`)."""
+        with self._lock:
+            engine = self._live_engine()
+            current = self._current
+            if current is not None and not current.done:
+                engine.command(current, 1)
+                engine.run_commands()
+                if current.command_status != 1:
+                    raise errors.StateError("llama.cpp could not copy the sequence's state")
+                parts = current.take_snapshot()
+            else:
+                if engine.n_cached(0) == 0:
+                    raise errors.StateError(
+                        "the context holds no cached tokens: snapshot a running stream, or keep a "
+                        "finished generation's tokens with reuse_prefix=True")
+                parts = engine.snapshot_slot(0)
+        return SequenceState._from_engine(parts, self._model)
+
+    def load_state(self, state: SequenceState) -> None:
+        """Replace the context's cache with a snapshot's cells. The next generation whose
+        prompt starts with ``state.tokens`` (``state.prompt(model, more)`` builds one)
+        evaluates only what follows its cached tokens, even without ``reuse_prefix``."""
+        if not isinstance(state, SequenceState):
+            raise TypeError(f"state must be a SequenceState, got {type(state).__name__}")
+        state.check_model(self._model)
+        if len(state.tokens) >= self._n_ctx:
+            raise errors.StateError(f"the snapshot has {len(state.tokens)} tokens but the context holds "
+                                    f"{self._n_ctx}")
+        with self._lock:
+            self._begin_generation()
+            engine = self._live_engine()
+            engine.restore_slot(0, state.data, state.token_array, state.n_cached)
+            self._reuse_once = True
 
     def kv_positions(self) -> list[int]:
         """Largest cached position of the context's sequence (``[-1]`` when every KV cell is free)."""

@@ -19,6 +19,7 @@ __all__ = [
     "StreamingError",
     "TemplateError",
     "TokenizerError",
+    "StateError",
     "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
@@ -76,6 +77,10 @@ class TokenizerError(MullamaError, RuntimeError):
     """The model's tokenizer failed inside llama.cpp, e.g. a SentencePiece vocabulary
     without the byte token (``<0x0A>``, ...) that the text needs. A fault of the model
     file, not of the text: the same text tokenizes with a complete vocabulary."""
+
+
+class StateError(MullamaError, ValueError):
+    """A sequence snapshot does not fit this model or context (or its file is not one)."""
 
 
 class DefaultModelMissingError(MullamaError, LookupError):

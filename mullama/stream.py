@@ -36,10 +36,13 @@ class _Job:
     """One stream's request on the engine and, when the stream has an engine of its own
     (``AsyncModel(batching=False)``), the producer thread that steps it."""
 
-    def __init__(self, request: Any, context: "Context | None" = None) -> None:
+    def __init__(self, request: Any, context: "Context | None" = None, engine: Any = None,
+                 model: Any = None) -> None:
         self.request = request
         self.ring = request.ring
         self.context = context
+        self.engine = engine if context is None else context._engine
+        self.model = model if context is None else context.model
         self.failure: BaseException | None = None
         self.thread: threading.Thread | None = None
         if context is not None:

@@ -38,6 +38,34 @@ cdef struct Req:
     int seq
     TextPipe pipe
     mll_ring * ring
+    # n > 1: branches that start from this request's prompt when it is done (linked by next)
+    Req * kids
+    int n_kids
+    bint waiting                  # a branch waiting for its parent's prompt
+    # a snapshot to start from, restored into the slot at admission (owned by Python)
+    const unsigned char * state_data
+    size_t state_len
+    int32_t state_n_kv            # the first state_n_kv prompt tokens are the snapshot's cells
+    # a driver's command, run on the engine's thread between two steps
+    int cmd
+    int cmd_status                # 0 while pending, 1 done, < 0 failed (CMD_* codes)
+    Req * cmd_req                 # CMD_FORK: the new branch
+    unsigned char * snap_data     # CMD_SNAPSHOT: the sequence's cells (malloc'ed; the caller frees)
+    size_t snap_len
+    llama_token * snap_tokens     # the tokens: the cached ones, then the pending one if any
+    int32_t snap_n_kv
+    int32_t snap_n_tokens
+
+
+cdef enum:
+    CMD_NONE = 0
+    CMD_SNAPSHOT = 1
+    CMD_FORK = 2
+    CMD_ENDED = -1                # the request ended before the command ran
+    CMD_NO_SLOT = -2              # a fork found no free slot
+    CMD_NOMEM = -3
+    CMD_FAILED = -4               # llama.cpp refused (mll_guard_error or its log says why)
+    ERR_STATE = 5                 # a request's snapshot could not be restored
 
 
 cdef struct EngineState:
@@ -86,3 +114,7 @@ cdef void engine_reap(EngineState * e) noexcept nogil
 cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil
 cdef void engine_forget(EngineState * e, int seq) noexcept nogil
 cdef void engine_publish_kv(EngineState * e) noexcept nogil
+cdef void engine_commands(EngineState * e) noexcept nogil
+cdef int engine_snapshot(EngineState * e, int slot, Req * r) noexcept nogil
+cdef int engine_restore(EngineState * e, int slot, const unsigned char * data, size_t n,
+                        const llama_token * tokens, int32_t n_kv) noexcept nogil

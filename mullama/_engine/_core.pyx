@@ -12,13 +12,15 @@ Nothing here touches a Python object.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from mullama._engine._llama cimport *
 from mullama._engine._mll cimport *
 from mullama._engine._pipe cimport *
-from mullama._engine._guard cimport mll_decode, MLL_CXX_ERROR
+from mullama._engine._guard cimport (mll_decode, mll_state_seq_get_size, mll_state_seq_get_data,
+                                     mll_state_seq_set_data, MLL_CXX_ERROR)
 
 
 cdef c_bool engine_abort(void * data) noexcept nogil:
@@ -65,7 +67,18 @@ cdef void _keep_or_forget(EngineState * e, Req * r, int err) noexcept nogil:
 cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil:
     """The slot's request is over: keep its cells for reuse or free them, close its ring."""
     cdef Req * r = e.slots[slot]
+    cdef Req * kid
     _keep_or_forget(e, r, err)
+    while r.kids != NULL:
+        # branches still waiting for this prompt evaluate it themselves
+        kid = r.kids
+        r.kids = kid.next
+        kid.next = NULL
+        kid.waiting = False
+        kid.prefill_pos = 0
+        kid.n_past = 0
+    r.n_kids = 0
+    _end_command(e, r, CMD_ENDED)
     e.clock += 1
     e.used_at[slot] = e.clock
     e.slots[slot] = NULL
@@ -107,6 +120,14 @@ cdef int32_t _attach(EngineState * e, int slot, Req * r, int32_t p) noexcept nog
     sliding window no longer covers them). Returns the tokens kept."""
     cdef llama_memory_t mem = llama_get_memory(e.ctx)
     cdef llama_pos lo
+    if r.state_data != NULL:
+        if engine_restore(e, slot, r.state_data, r.state_len, r.prompt, r.state_n_kv) < 0:
+            r.seq = slot
+            e.slots[slot] = r
+            e.n_active += 1
+            engine_finish(e, slot, ERR_STATE)
+            return 0
+        p = r.state_n_kv
     if p >= r.n_prompt:
         p = r.n_prompt - 1          # the last prompt token is decoded again for its logits
     if p <= 0 or not llama_memory_seq_rm(mem, slot, p, -1):
@@ -137,9 +158,13 @@ cdef void _admit(EngineState * e) noexcept nogil:
     cdef Req * r
     cdef int slot
     cdef int32_t p
+    cdef Req * kid
     while e.n_active < e.n_slots:
         pthread_mutex_lock(&e.bell.mu)
         r = e.q_head
+        if r != NULL and not (r.cancel or r.ring.cancelled) and e.n_slots - e.n_active < 1 + r.n_kids:
+            pthread_mutex_unlock(&e.bell.mu)
+            return                  # n > 1 waits until all its branches have a slot
         while r != NULL and (r.cancel or r.ring.cancelled):
             # left before it started: it never decodes anything
             e.q_head = r.next
@@ -158,6 +183,13 @@ cdef void _admit(EngineState * e) noexcept nogil:
             return
         slot = _pick_slot(e, r, &p)
         _attach(e, slot, r, p)
+        kid = r.kids
+        while kid != NULL:
+            slot = _pick_slot(e, kid, &p)
+            _attach(e, slot, kid, 0)
+            kid.waiting = r.done == 0
+            kid.prefill_pos = kid.n_prompt if kid.waiting else 0
+            kid = kid.next
 
 
 cdef void engine_reap(EngineState * e) noexcept nogil:
@@ -212,7 +244,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
             continue
         r.out_idx = -1
         r.n_in_batch = 0
-        if not r.pending_decode:
+        if not r.pending_decode or r.waiting:
             continue
         if mll_ring_space(r.ring) == 0:
             if not r.parked:
@@ -230,7 +262,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
             break
         idx = (e.rr + k) % e.n_slots
         r = e.slots[idx]
-        if r == NULL or r.prefill_pos >= r.n_prompt:
+        if r == NULL or r.prefill_pos >= r.n_prompt or r.waiting:
             continue
         chunk = r.n_prompt - r.prefill_pos
         if chunk > budget:
@@ -296,6 +328,158 @@ cdef void _drop_pads(EngineState * e) noexcept nogil:
     for k in range(e.n_pad):
         llama_memory_seq_rm(mem, e.pad_seq[k], e.pad_pos[k], -1)
     e.n_pad = 0
+
+
+cdef void _copy_seq(EngineState * e, Req * src, Req * dst) noexcept nogil:
+    """``dst`` continues from ``src``'s cells: the whole KV stream is copied (for
+    non-unified KV llama.cpp copies streams whole; a partial range aborts)."""
+    cdef llama_memory_t mem = llama_get_memory(e.ctx)
+    engine_forget(e, dst.seq)
+    llama_memory_seq_cp(mem, src.seq, dst.seq, -1, -1)
+    memcpy(e.hist + <size_t> dst.seq * e.slot_cells, e.hist + <size_t> src.seq * e.slot_cells,
+           src.n_past * sizeof(llama_token))
+    e.n_hist[dst.seq] = src.n_past
+    dst.n_past = src.n_past
+    dst.n_reused = src.n_reused
+    e.kv_pos[dst.seq] = llama_memory_seq_pos_max(mem, dst.seq)
+
+
+cdef int32_t _branch_kids(EngineState * e, Req * r, const float * logits, int32_t n_jobs) noexcept nogil:
+    """``r``'s prompt is done: each waiting branch takes a copy of its cells and samples
+    from the same logits row with its own sampler."""
+    cdef Req * kid
+    cdef mll_tok_rec * rec
+    while r.kids != NULL:
+        kid = r.kids
+        r.kids = kid.next
+        kid.next = NULL
+        kid.waiting = False
+        _copy_seq(e, r, kid)
+        kid.prefill_pos = kid.n_prompt
+        kid.out_idx = r.out_idx
+        rec = mll_ring_slot(kid.ring)
+        row_job(&e.jobs[n_jobs], logits, kid.smpl, kid.want_logprob, kid.n_top, rec.top_ids, rec.top_logprobs)
+        e.job_slot[n_jobs] = kid.seq
+        n_jobs += 1
+    r.n_kids = 0
+    return n_jobs
+
+
+cdef void _end_command(EngineState * e, Req * r, int status) noexcept nogil:
+    cdef Req * c = r.cmd_req
+    if r.cmd == CMD_NONE:
+        return
+    if status < 0 and r.cmd == CMD_FORK and c != NULL and c.done == 0:
+        # the branch never started: it ends at once, empty
+        c.finish = FIN_CANCELLED
+        mll_ring_close(c.ring, 0)
+        pthread_mutex_lock(&e.bell.mu)
+        c.done = 1
+        pthread_mutex_unlock(&e.bell.mu)
+    pthread_mutex_lock(&e.bell.mu)
+    r.cmd = CMD_NONE
+    r.cmd_status = status
+    pthread_mutex_unlock(&e.bell.mu)
+
+
+cdef int engine_snapshot(EngineState * e, int slot, Req * r) noexcept nogil:
+    """Copy slot ``slot``'s cells and tokens into ``r.snap_*`` (plus the sampled token not
+    yet decoded when a request runs there). Returns 1, or a CMD_* failure code."""
+    cdef Req * live = e.slots[slot]
+    cdef int32_t n_kv = live.n_past if live != NULL else e.n_hist[slot]
+    cdef bint pending = live != NULL and live.pending_decode
+    cdef size_t size = mll_state_seq_get_size(e.ctx, slot)
+    r.snap_data = <unsigned char *> malloc(max(size, 1))
+    r.snap_tokens = <llama_token *> malloc((n_kv + 1) * sizeof(llama_token))
+    if r.snap_data == NULL or r.snap_tokens == NULL:
+        free(r.snap_data)
+        free(r.snap_tokens)
+        r.snap_data = NULL
+        r.snap_tokens = NULL
+        return CMD_NOMEM
+    r.snap_len = mll_state_seq_get_data(e.ctx, r.snap_data, size, slot) if size else 0
+    if size and r.snap_len == 0:
+        return CMD_FAILED
+    memcpy(r.snap_tokens, e.hist + <size_t> slot * e.slot_cells, n_kv * sizeof(llama_token))
+    if pending:
+        r.snap_tokens[n_kv] = live.last
+    r.snap_n_kv = n_kv
+    r.snap_n_tokens = n_kv + (1 if pending else 0)
+    return 1
+
+
+cdef int engine_restore(EngineState * e, int slot, const unsigned char * data, size_t n,
+                        const llama_token * tokens, int32_t n_kv) noexcept nogil:
+    """Load a snapshot's cells into the free slot ``slot``. Returns 0, or -1 when
+    llama.cpp refused them (the slot is then empty)."""
+    engine_forget(e, slot)
+    if n_kv > e.slot_cells or (n and mll_state_seq_set_data(e.ctx, data, n, slot) == 0):
+        engine_forget(e, slot)
+        return -1
+    if llama_memory_seq_pos_max(llama_get_memory(e.ctx), slot) != n_kv - 1:
+        engine_forget(e, slot)
+        return -1
+    memcpy(e.hist + <size_t> slot * e.slot_cells, tokens, n_kv * sizeof(llama_token))
+    e.n_hist[slot] = n_kv
+    e.kv_pos[slot] = n_kv - 1
+    return 0
+
+
+cdef int _fork(EngineState * e, Req * r, Req * c) noexcept nogil:
+    """Start branch ``c`` at ``r``'s current position, in a free slot. Returns 1 or a CMD_* code."""
+    cdef int slot, i
+    cdef int32_t p, n
+    cdef llama_token * grown
+    if e.n_active >= e.n_slots:
+        return CMD_NO_SLOT
+    slot = _pick_slot(e, c, &p)
+    _attach(e, slot, c, 0)
+    if r.prefill_pos < r.n_prompt:
+        # still reading its prompt: branch when it is done, like n > 1
+        c.waiting = True
+        c.prefill_pos = c.n_prompt
+        c.next = r.kids
+        r.kids = c
+        r.n_kids += 1
+        return 1
+    # the branch's "prompt" is everything before its first token of its own
+    n = r.n_past + (1 if r.pending_decode else 0)
+    grown = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
+    if grown == NULL:
+        engine_finish(e, slot, ERR_NOMEM)
+        return CMD_NOMEM
+    memcpy(grown, e.hist + <size_t> r.seq * e.slot_cells, r.n_past * sizeof(llama_token))
+    if r.pending_decode:
+        grown[r.n_past] = r.last
+    free(c.prompt)
+    c.prompt = grown
+    c.n_prompt = n
+    _copy_seq(e, r, c)
+    c.prefill_pos = n
+    c.last = r.last
+    c.pending_decode = r.pending_decode
+    # the text the parent holds back (half a character, a possible stop) is the branch's too
+    c.pipe.utf8 = r.pipe.utf8
+    for i in range(<int> r.pipe.stop.n_stops):
+        c.pipe.stop.state[i] = r.pipe.stop.state[i]
+    c.pipe.stop.held = r.pipe.stop.held
+    c.pipe.stop.held_from = r.pipe.stop.held_from
+    return 1
+
+
+cdef void engine_commands(EngineState * e) noexcept nogil:
+    """What drivers asked of running requests (snapshots, forks), between two steps."""
+    cdef int i, status
+    cdef Req * r
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or r.cmd == CMD_NONE:
+            continue
+        if r.cmd == CMD_SNAPSHOT:
+            status = engine_snapshot(e, i, r)
+        else:
+            status = _fork(e, r, r.cmd_req)
+        _end_command(e, r, status)
 
 
 cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept nogil:
@@ -392,6 +576,7 @@ cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
         row_job(&e.jobs[n_jobs], logits, r.smpl, r.want_logprob, r.n_top, rec.top_ids, rec.top_logprobs)
         e.job_slot[n_jobs] = i
         n_jobs += 1
+        n_jobs = _branch_kids(e, r, logits, n_jobs)
     if n_jobs == 0:
         return
     # the rows' reductions, spread over the decode's threads; then each stream in slot order
@@ -416,6 +601,7 @@ cdef int32_t engine_step(EngineState * e) noexcept nogil:
     cdef int64_t t0, t1
     _admit(e)
     engine_reap(e)
+    engine_commands(e)
     n = _build_batch(e)
     if n == 0:
         engine_publish_kv(e)

@@ -12,7 +12,7 @@ import threading
 
 from libc.stdint cimport int32_t
 from libc.stdlib cimport calloc, malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from mullama._engine._llama cimport *
 from mullama._engine._mll cimport *
@@ -40,11 +40,14 @@ cdef class Request:
     cdef readonly TokenRing ring
     cdef StopSet _stops
     cdef object _logits_out
+    cdef object _state
+    cdef list _kids
     cdef object __weakref__
 
     def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
                   bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab,
-                  int n_top=0, bint reuse=False, bint keep=False, float[::1] logits_out=None):
+                  int n_top=0, bint reuse=False, bint keep=False, float[::1] logits_out=None,
+                  bytes state=None, int state_n_kv=0):
         cdef Py_ssize_t n = prompt.shape[0]
         if n <= 0:
             raise ValueError("the prompt is empty")
@@ -71,6 +74,14 @@ cdef class Request:
                 raise ValueError("logits_out must hold n_vocab values")
             self._logits_out = logits_out
             self.r.logits_out = &logits_out[0]
+        if state is not None:
+            if not 0 <= state_n_kv <= n:
+                raise ValueError("a snapshot's cached tokens must begin the prompt")
+            self._state = state
+            self.r.state_data = <const unsigned char *> (<char *> state)
+            self.r.state_len = len(state)
+            self.r.state_n_kv = state_n_kv
+        self._kids = []
         self._stops = StopSet(stops)
         self._stops.bind(&self.r.pipe.stop)
         pipe_start(&self.r.pipe)
@@ -82,7 +93,37 @@ cdef class Request:
         if self.r.smpl != NULL:
             llama_sampler_free(self.r.smpl)
         free(self.r.prompt)
+        free(self.r.snap_data)
+        free(self.r.snap_tokens)
         pipe_free(&self.r.pipe)
+
+    def add_branch(self, Request kid not None):
+        """Before submitting: ``kid`` (same prompt) branches from this request's prompt once
+        it is evaluated, sampling its first token from the same logits (n > 1)."""
+        if self._kids is None or kid is self:
+            raise ValueError("a request cannot branch from itself")
+        if kid.r.n_prompt != self.r.n_prompt:
+            raise ValueError("a branch has its parent's prompt")
+        kid.r.next = self.r.kids
+        self.r.kids = &kid.r
+        self.r.n_kids += 1
+        self._kids.append(kid)
+
+    @property
+    def branches(self) -> list:
+        return list(self._kids)
+
+    @property
+    def command_status(self) -> int:
+        """0 while a command (snapshot, fork) waits for the engine, 1 when done, < 0 failed."""
+        return self.r.cmd_status
+
+    def take_snapshot(self):
+        """(tokens, n_cached, data) of the last snapshot command; frees its buffers."""
+        if self.r.snap_tokens == NULL:
+            raise RuntimeError("no snapshot was taken")
+        out = _snapshot_tuple(&self.r)
+        return out
 
     def cancel(self):
         """Ask the engine to drop this request; it stops within one step."""
@@ -122,10 +163,28 @@ cdef class Request:
             return errors.GenerationError("llama.cpp returned no logits for the last token")
         if self.r.err == ERR_NOMEM:
             return MemoryError()
+        if self.r.err == ERR_STATE:
+            return errors.StateError("llama.cpp refused the snapshot's cells for this engine "
+                                     "(a different model or context layout)")
         if self.r.err == ERR_CXX:
             return errors.cxx_exception("generation", self.r.err_text.decode("utf-8", "replace"),
                                         errors.GenerationError)
         return None
+
+
+cdef tuple _snapshot_tuple(Req * r):
+    import numpy as np
+    tokens = np.empty(r.snap_n_tokens, dtype=np.int32)
+    cdef int[::1] view = tokens
+    if r.snap_n_tokens:
+        memcpy(&view[0], r.snap_tokens, r.snap_n_tokens * sizeof(int))
+    data = (<char *> r.snap_data)[:r.snap_len] if r.snap_len else b""
+    n_kv = r.snap_n_kv
+    free(r.snap_data)
+    free(r.snap_tokens)
+    r.snap_data = NULL
+    r.snap_tokens = NULL
+    return tokens, n_kv, data
 
 
 cdef class Engine:
@@ -279,14 +338,83 @@ cdef class Engine:
             if full:
                 raise errors.QueueFullError(
                     f"{self.max_queue} requests are already waiting for a slot; try again later")
-            # the engine holds a C pointer to req: keep the object alive until it is done
-            self._inflight[id(req)] = req
-        req.ring.r.on_space = mll_bell_ring
-        req.ring.r.on_space_arg = &self.e.bell
+        # the engine holds C pointers to req (and its branches): keep them alive until done
+        self._register(req)
         mll_bell_ring(&self.e.bell)
 
     def wake(self):
         mll_bell_ring(&self.e.bell)
+
+    def _register(self, Request req):
+        with self._lock:
+            self._inflight[id(req)] = req
+            for kid in req._kids:
+                self._inflight[id(kid)] = kid
+        for kid in [req] + req._kids:
+            (<Request> kid).ring.r.on_space = mll_bell_ring
+            (<Request> kid).ring.r.on_space_arg = &self.e.bell
+
+    def command(self, Request req not None, int cmd, Request child=None):
+        """Ask the engine to snapshot (1) or fork into ``child`` (2) the running ``req``
+        between two steps; poll ``req.command_status``. Threaded engines run it on their
+        thread; otherwise the caller runs ``run_commands()``."""
+        self._check_open()
+        if cmd == CMD_FORK:
+            if child is None:
+                raise ValueError("a fork needs the branch's request")
+            self._register(child)
+        pthread_mutex_lock(&self.e.bell.mu)
+        if req.r.done:
+            req.r.cmd_status = CMD_ENDED
+        else:
+            req.r.cmd_status = 0
+            req.r.cmd = cmd
+            req.r.cmd_req = &child.r if child is not None else NULL
+        pthread_mutex_unlock(&self.e.bell.mu)
+        mll_bell_ring(&self.e.bell)
+
+    def run_commands(self):
+        """Run pending commands now (for a driver that steps on its own thread)."""
+        self._check_open()
+        with nogil:
+            engine_commands(&self.e)
+
+    def snapshot_slot(self, int slot):
+        """(tokens, n_cached, data) of an idle slot's cached cells."""
+        cdef Req tmp
+        cdef int rc
+        self._check_open()
+        if not 0 <= slot < self.e.n_slots or self.e.slots[slot] != NULL:
+            raise ValueError("the slot is not idle")
+        memset(&tmp, 0, sizeof(Req))
+        with nogil:
+            rc = engine_snapshot(&self.e, slot, &tmp)
+        if rc != 1:
+            free(tmp.snap_data)
+            free(tmp.snap_tokens)
+            raise MemoryError() if rc == CMD_NOMEM else errors.MullamaError(
+                "llama.cpp could not copy the sequence's state")
+        return _snapshot_tuple(&tmp)
+
+    def restore_slot(self, int slot, bytes data not None, const int[:] tokens not None, int n_kv):
+        """Load a snapshot's cells into the idle slot ``slot``; its tokens become the slot's
+        cache. Raises MullamaError when llama.cpp refuses them (the slot is then empty)."""
+        cdef int rc
+        cdef const unsigned char * src = <const unsigned char *> (<char *> data)
+        cdef size_t n = len(data)
+        cdef const llama_token * toks = NULL
+        self._check_open()
+        if not 0 <= slot < self.e.n_slots or self.e.slots[slot] != NULL:
+            raise ValueError("the slot is not idle")
+        if not 0 <= n_kv <= tokens.shape[0]:
+            raise ValueError("n_kv must be within the tokens")
+        if tokens.shape[0]:
+            toks = <const llama_token *> &tokens[0]
+        with nogil:
+            rc = engine_restore(&self.e, slot, src, n, toks, n_kv)
+        if rc < 0:
+            raise errors.StateError("llama.cpp refused the snapshot's cells for this context "
+                                    "(a different model or context layout)")
 
     # ----------------------------------------------------------- lifecycle
 

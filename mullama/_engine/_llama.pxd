@@ -168,6 +168,8 @@ cdef extern from "llama.h" nogil:
     bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)
     llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id)
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
+    void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0,
+                             llama_pos p1)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback cb, void * data)
     void llama_attach_threadpool(llama_context * ctx, ggml_threadpool * threadpool,
                                  ggml_threadpool * threadpool_batch)

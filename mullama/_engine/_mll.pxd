@@ -6,6 +6,7 @@ from mullama._engine._llama cimport ggml_threadpool
 
 cdef extern from "mullama/mll_utf8.h" nogil:
     ctypedef struct mll_utf8_hold:
+        unsigned char tail[4]
         size_t tail_len
     int mll_utf8_seq_len(unsigned char b)
     size_t mll_utf8_complete_len(const unsigned char * buf, size_t length)
@@ -20,6 +21,8 @@ cdef extern from "mullama/mll_stop.h" nogil:
         size_t held
         int matched
         size_t matched_index
+        size_t * state
+        size_t held_from
     size_t mll_stop_workspace_len(const size_t * lens, size_t n_stops)
     int mll_stop_init(mll_stop * m, const char * const * stops, const size_t * lens,
                       size_t n_stops, size_t * workspace)
