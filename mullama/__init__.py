@@ -30,6 +30,7 @@ from mullama.errors import (
 from mullama.model import Model
 from mullama.params import SamplerParams
 from mullama.stream import BlockingTokenStream, TokenStream
+from mullama.state import SequenceState
 from mullama.stream_config import StreamConfig
 from mullama.types import GenerationStats, TokenData
 from mullama._generation import TextStream, TokenIterator
@@ -40,6 +41,7 @@ __all__ = [
     "Model",
     "Context",
     "AsyncModel",
+    "SequenceState",
     "StreamConfig",
     "TokenStream",
     "BlockingTokenStream",

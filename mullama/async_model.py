@@ -6,17 +6,20 @@ import atexit
 import collections
 import os
 import weakref
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, overload
+
+import numpy as np
 
 import anyio
 
 from mullama._engine._engine import Engine, Request
 from mullama._engine._ring import TokenRing
 from mullama.context import _FLASH_ATTN, Context, _positive_int, default_threads, prompt_ids
-from mullama.errors import ClosedError
+from mullama.errors import ClosedError, ContextOverflowError
 from mullama.model import Model
 from mullama.params import SamplerParams
 from mullama.stream import BlockingTokenStream, TokenStream, _Job
+from mullama.state import SequenceState
 from mullama.stream_config import StreamConfig
 
 __all__ = ["AsyncModel"]
@@ -44,12 +47,19 @@ class AsyncModel:
     of at most ``max_queue``; past that, ``generate_stream`` raises
     :class:`QueueFullError`. With ``batching=False`` each stream runs on a
     context of its own (up to ``n_parallel`` contexts) and the others wait.
+
+    With ``prefix_cache=True`` (the default) a finished stream's KV cells stay
+    in its slot, and a new stream starts in the slot whose cached tokens share
+    the longest prefix with its prompt, evaluating only the rest (a chat's next
+    turn evaluates only the new message). Slots are given up least recently
+    used first. ``kv_positions()`` reports the cells streams hold;
+    ``prefix_cache_stats()`` the cache's own.
     """
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_parallel: int = 4, *, batching: bool = True,
                  max_queue: int = 64, prefill_chunk: int = 256, n_threads: int | None = None,
                  n_batch: int = 512, flash_attn: bool | str = "auto", seed: int | None = None,
-                 **context_kwargs: Any) -> None:
+                 prefix_cache: bool = True, **context_kwargs: Any) -> None:
         n_parallel = _positive_int("n_parallel", n_parallel, 1, 256)
         self._n_ctx = _positive_int("n_ctx", n_ctx, 8, 1 << 20)
         max_queue = _positive_int("max_queue", max_queue, 0, 1 << 20)
@@ -60,6 +70,8 @@ class AsyncModel:
         if key not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
         self._seed = SamplerParams(seed=seed).seed
+        self._prefix_cache = bool(prefix_cache)
+        context_kwargs.setdefault("reuse_prefix", self._prefix_cache)
         self._model = model
         self._n_parallel = n_parallel
         self._closed = False
@@ -135,11 +147,39 @@ class AsyncModel:
             return self._engine.n_decode_calls
         return sum(c.n_decode_calls for c in self._contexts)
 
-    def kv_positions(self) -> list[int]:
-        """Largest cached position per sequence; -1 everywhere when every KV cell is free."""
+    @property
+    def n_decoded_tokens(self) -> int:
+        """Tokens evaluated so far (prompt tokens and generated ones), all streams together."""
         if self._engine is not None:
-            return self._engine.used_positions()
-        return [pos for c in self._contexts if not c.closed for pos in c.kv_positions()]
+            return self._engine.n_decoded_tokens
+        return sum(c._engine.n_decoded_tokens for c in self._contexts if not c.closed)
+
+    def kv_positions(self) -> list[int]:
+        """Largest position each sequence's stream holds in the KV cache; -1 where no stream
+        runs (the cells an idle slot keeps for the prefix cache are not counted here)."""
+        if self._engine is not None:
+            return self._engine.held_positions()
+        return [pos for c in self._contexts if not c.closed for pos in c._engine.held_positions()]
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """The prefix cache: ``hits`` (streams that reused cached tokens), ``reused_tokens``
+        (prompt tokens not evaluated thanks to it) and ``cached_tokens`` per slot."""
+        engines = [self._engine] if self._engine is not None else [c._engine for c in self._contexts
+                                                                    if not c.closed]
+        stats = [e.prefix_stats for e in engines]
+        return {"enabled": self._prefix_cache,
+                "hits": sum(s["hits"] for s in stats),
+                "reused_tokens": sum(s["reused_tokens"] for s in stats),
+                "cached_tokens": [e.n_cached(i) for e in engines for i in range(e.n_slots)]}
+
+    def clear_cache(self) -> None:
+        """Free the cells idle slots keep for the prefix cache (running streams keep theirs).
+        Blocks for at most one decode step."""
+        if self._engine is not None:
+            self._engine.clear_idle()
+        for ctx, job in list(self._free):
+            if job is None or job.finished:
+                ctx.clear_cache()
 
     # ------------------------------------------------------------ contexts (batching=False)
 
@@ -189,41 +229,96 @@ class AsyncModel:
             raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
         return config
 
-    def _submit(self, prompt: Prompt, config: StreamConfig) -> tuple[_Job | None, int]:
-        ids = prompt_ids(self._model, prompt, self._n_ctx)
+    def _ids(self, prompt: Prompt | None, state: SequenceState | None) -> np.ndarray:
+        if state is None:
+            if prompt is None:
+                raise TypeError("generate_stream needs a prompt (or a state to continue)")
+            return prompt_ids(self._model, prompt, self._n_ctx)
+        if not isinstance(state, SequenceState):
+            raise TypeError(f"state must be a SequenceState, got {type(state).__name__}")
+        state.check_model(self._model)
+        state.check_layout(self._n_parallel if self._engine is not None else 1, self._n_ctx)
+        ids = state.prompt(self._model, prompt)
+        if ids.size >= self._n_ctx:
+            raise ContextOverflowError(
+                f"the snapshot and prompt have {ids.size} tokens but a stream holds {self._n_ctx}",
+                n_prompt=int(ids.size), n_ctx=self._n_ctx)
+        return ids
+
+    def _request(self, ids: np.ndarray, config: StreamConfig, state: SequenceState | None, seed_offset: int = 0,
+                 n_ctx: int | None = None) -> Request:
+        params = config.sampler_params()
+        if seed_offset and params.seed is not None:
+            params = params.replace(seed=(params.seed + seed_offset) % (1 << 32))
+        sampler = params.native(self._model.n_vocab, self._seed)
+        return Request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
+                       n_ctx or self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab,
+                       config.top_logprobs, self._prefix_cache, self._prefix_cache, None,
+                       state.data if state is not None else None, state.n_cached if state is not None else 0)
+
+    def _submit(self, prompt: Prompt | None, config: StreamConfig, n: int = 1,
+                state: SequenceState | None = None) -> tuple[list[_Job] | None, int]:
+        ids = self._ids(prompt, state)
         if config.max_tokens == 0:
             return None, int(ids.size)
-        sampler = config.sampler_params().native(self._model.n_vocab, self._seed)
-        request = Request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                          self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab, config.top_logprobs)
+        request = self._request(ids, config, state)
+        # n > 1: the prompt is evaluated once; each branch copies its cells and samples on its own
+        for i in range(1, n):
+            request.add_branch(self._request(ids, config, None, seed_offset=i))
         self._engine.submit(request)
-        return _Job(request), int(ids.size)
+        jobs = [_Job(r, engine=self._engine, model=self._model, prompt=ids, seed=self._seed)
+                for r in [request] + request.branches]
+        return jobs, int(ids.size)
 
-    async def generate_stream(self, prompt: Prompt, config: StreamConfig | None = None) -> TokenStream:
+    def _check_n(self, n: int) -> int:
+        n = _positive_int("n", n, 1, self._n_parallel)
+        if n > 1 and self._engine is None:
+            raise ValueError("n > 1 needs batching=True (the branches share one context)")
+        return n
+
+    @overload
+    async def generate_stream(self, prompt: Prompt | None, config: StreamConfig | None = None, *,
+                              n: Literal[1] = 1, state: SequenceState | None = None) -> TokenStream: ...
+
+    @overload
+    async def generate_stream(self, prompt: Prompt | None, config: StreamConfig | None = None, *,
+                              n: int, state: SequenceState | None = None) -> TokenStream | list[TokenStream]: ...
+
+    async def generate_stream(self, prompt: Prompt | None, config: StreamConfig | None = None, *, n: int = 1,
+                              state: SequenceState | None = None) -> TokenStream | list[TokenStream]:
         """Start generating and return the :class:`TokenStream` of its tokens.
 
         The prompt is checked and tokenized here: a prompt that does not fit
         ``n_ctx`` raises :class:`ContextOverflowError`. Prompt processing and
         decoding happen off the event loop.
+
+        ``n > 1`` (batching only) returns a list of ``n`` streams that share one
+        evaluation of the prompt: each continues from a copy of its KV cells
+        with its own sampler (seeds ``seed``, ``seed + 1``, ...). ``state``
+        continues from a :class:`SequenceState`: the prompt is then the
+        snapshot's tokens followed by ``prompt`` (text without BOS, ids, or None),
+        and only what follows its cached tokens is evaluated.
         """
         config = self._check(config)
-        if isinstance(prompt, (str, bytes)) and len(prompt) > _TOKENIZE_OFF_LOOP:
+        n = self._check_n(n)
+        if isinstance(prompt, (str, bytes)) and len(prompt) > _TOKENIZE_OFF_LOOP and state is None:
             # tokenizing a long text takes a while: not on the event loop's thread
             prompt = await anyio.to_thread.run_sync(prompt_ids, self._model, prompt, self._n_ctx)
         if self._engine is not None:
-            job, n_prompt = self._submit(prompt, config)
-            return TokenStream(config, job, None, n_prompt)
+            jobs, n_prompt = self._submit(prompt, config, n, state)
+            streams = [TokenStream(config, job, None, n_prompt) for job in (jobs or [None] * n)]
+            return streams[0] if n == 1 else streams
         ctx = await self._acquire()
         try:
-            ids = ctx._prompt_ids(prompt)
+            ids = self._ids(prompt, state)
             if config.max_tokens == 0:
                 return TokenStream(config, None, lambda: self._release(ctx, None), int(ids.size))
             sampler = config.sampler_params().native(self._model.n_vocab, ctx.seed)
             with ctx._lock:
                 ctx._begin_generation()
                 request = ctx._request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                                       config.top_logprobs, config.buffer_size)
-            producer = _Job(request, ctx)
+                                       config.top_logprobs, config.buffer_size, state=state)
+            producer = _Job(request, ctx, prompt=ids, seed=ctx.seed)
             self._live.add(producer)
             producer.start()
         except BaseException:
@@ -231,13 +326,14 @@ class AsyncModel:
             raise
         return TokenStream(config, producer, lambda: self._release(ctx, producer), int(ids.size))
 
-    def stream_blocking(self, prompt: Prompt, config: StreamConfig | None = None) -> BlockingTokenStream:
+    def stream_blocking(self, prompt: Prompt | None, config: StreamConfig | None = None, *,
+                        state: SequenceState | None = None) -> BlockingTokenStream:
         """The same stream for plain threads (batching mode only); thread-safe."""
         config = self._check(config)
         if self._engine is None:
             raise RuntimeError("stream_blocking needs batching=True (use Context for threads otherwise)")
-        job, n_prompt = self._submit(prompt, config)
-        return BlockingTokenStream(config, job, None, n_prompt)
+        jobs, n_prompt = self._submit(prompt, config, 1, state)
+        return BlockingTokenStream(config, jobs[0] if jobs else None, None, n_prompt)
 
     async def generate(self, prompt: Prompt, config: StreamConfig | None = None) -> str:
         """The whole generated text of one stream."""

@@ -243,7 +243,7 @@ class Context:
                         "the context holds no cached tokens: snapshot a running stream, or keep a "
                         "finished generation's tokens with reuse_prefix=True")
                 parts = engine.snapshot_slot(0)
-        return SequenceState._from_engine(parts, self._model)
+        return SequenceState._from_engine(parts, self._model, 1)
 
     def load_state(self, state: SequenceState) -> None:
         """Replace the context's cache with a snapshot's cells. The next generation whose
@@ -252,14 +252,17 @@ class Context:
         if not isinstance(state, SequenceState):
             raise TypeError(f"state must be a SequenceState, got {type(state).__name__}")
         state.check_model(self._model)
-        if len(state.tokens) >= self._n_ctx:
-            raise errors.StateError(f"the snapshot has {len(state.tokens)} tokens but the context holds "
-                                    f"{self._n_ctx}")
+        state.check_layout(1, self._n_ctx)
         with self._lock:
             self._begin_generation()
             engine = self._live_engine()
             engine.restore_slot(0, state.data, state.token_array, state.n_cached)
             self._reuse_once = True
+
+    @property
+    def prefix_stats(self) -> dict[str, int]:
+        """Generations that reused cached tokens (``hits``) and the prompt tokens they skipped."""
+        return self._engine.prefix_stats
 
     def kv_positions(self) -> list[int]:
         """Largest cached position of the context's sequence (``[-1]`` when every KV cell is free)."""

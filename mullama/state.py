@@ -55,15 +55,17 @@ class SequenceState:
     n_cached: int
     data: bytes
     model: dict[str, Any]
+    n_seq: int = 1    # sequences of the context it was taken in: llama.cpp's cell data lists
+                      # one KV stream per sequence, so it loads only where that count is the same
 
     def __post_init__(self) -> None:
         if not 0 <= self.n_cached <= len(self.tokens):
             raise StateError(f"n_cached ({self.n_cached}) must be within the {len(self.tokens)} tokens")
 
     @classmethod
-    def _from_engine(cls, parts: tuple[np.ndarray, int, bytes], model: "Model") -> "SequenceState":
+    def _from_engine(cls, parts: tuple[np.ndarray, int, bytes], model: "Model", n_seq: int) -> "SequenceState":
         tokens, n_kv, data = parts
-        return cls(tuple(int(t) for t in tokens), int(n_kv), bytes(data), model_fingerprint(model))
+        return cls(tuple(int(t) for t in tokens), int(n_kv), bytes(data), model_fingerprint(model), n_seq)
 
     @property
     def token_array(self) -> np.ndarray:
@@ -76,6 +78,17 @@ class SequenceState:
             diff = sorted(k for k in set(mine) | set(self.model) if mine.get(k) != self.model.get(k))
             raise StateError(f"the snapshot was made with another model ({', '.join(diff)} differ: "
                              f"{self.model.get('desc')!r} vs {mine.get('desc')!r})")
+
+    def check_layout(self, n_seq: int, n_ctx: int) -> None:
+        """Raise :class:`StateError` unless the snapshot fits a context of ``n_seq``
+        sequences holding ``n_ctx`` tokens each."""
+        if self.n_seq != n_seq:
+            raise StateError(
+                f"the snapshot was taken in a context of {self.n_seq} sequence(s) and cannot be loaded "
+                f"into one of {n_seq} (llama.cpp stores one KV stream per sequence): continue it where "
+                f"n_parallel is {self.n_seq}, or from its tokens")
+        if len(self.tokens) >= n_ctx:
+            raise StateError(f"the snapshot has {len(self.tokens)} tokens but the context holds {n_ctx}")
 
     def prompt(self, model: "Model", extra: str | bytes | Any = None) -> np.ndarray:
         """The snapshot's tokens followed by ``extra`` (text, tokenized without BOS, or ids)."""
@@ -94,7 +107,7 @@ class SequenceState:
         """Write the snapshot to ``path`` atomically (a temporary file, then a rename)."""
         path = os.fspath(path)
         meta = json.dumps({"version": _VERSION, "n_cached": self.n_cached, "n_tokens": len(self.tokens),
-                           "data_len": len(self.data), "model": self.model}).encode()
+                           "data_len": len(self.data), "model": self.model, "n_seq": self.n_seq}).encode()
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".seqstate-", dir=folder)
         try:
@@ -128,6 +141,7 @@ class SequenceState:
             meta = json.loads(blob[at:at + n_meta])
             n_tokens, data_len = int(meta["n_tokens"]), int(meta["data_len"])
             n_cached, model, version = int(meta["n_cached"]), dict(meta["model"]), meta["version"]
+            n_seq = int(meta["n_seq"])
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"{os.fspath(path)!r}: unreadable snapshot header ({exc})") from None
         if version != _VERSION:
@@ -137,4 +151,4 @@ class SequenceState:
             raise StateError(f"{os.fspath(path)!r}: the snapshot is truncated or has extra bytes")
         tokens = np.frombuffer(blob, dtype="<i4", count=n_tokens, offset=at)
         data = blob[at + 4 * n_tokens:]
-        return cls(tuple(int(t) for t in tokens), n_cached, data, model)
+        return cls(tuple(int(t) for t in tokens), n_cached, data, model, n_seq)

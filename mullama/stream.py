@@ -20,6 +20,7 @@ from anyio.abc import ObjectReceiveStream
 
 from mullama._engine._ring import CLOSED, EMPTY, TokenRing
 from mullama.errors import StreamingError
+from mullama.state import SequenceState
 from mullama.stream_config import StreamConfig
 from mullama.types import TokenData
 
@@ -37,8 +38,10 @@ class _Job:
     (``AsyncModel(batching=False)``), the producer thread that steps it."""
 
     def __init__(self, request: Any, context: "Context | None" = None, engine: Any = None,
-                 model: Any = None) -> None:
+                 model: Any = None, prompt: Any = None, seed: int | None = None) -> None:
         self.request = request
+        self.prompt = prompt
+        self.seed = seed
         self.ring = request.ring
         self.context = context
         self.engine = engine if context is None else context._engine
@@ -123,6 +126,62 @@ class _StreamState:
     def producer_pauses(self) -> int:
         """How often decoding of this stream paused because ``buffer_size`` tokens waited unread."""
         return self._producer.ring.full_waits if self._producer else 0
+
+    # ------------------------------------------------------------ snapshots and forks
+
+    def _begin_command(self, cmd: int, child: Any = None) -> Any:
+        job = self._producer
+        if job is None or self._done or job.engine is None:
+            raise StreamingError("the stream has ended")
+        job.engine.command(job.request, cmd, child)
+        return job.request
+
+    def _end_command(self, request: Any, what: str) -> None:
+        status = request.command_status
+        if status == 1:
+            return
+        reasons = {-1: "the stream has already ended",
+                   -2: "no free slot to branch into (n_parallel sequences are busy)",
+                   -3: "out of memory", -4: "llama.cpp could not copy the sequence's state"}
+        raise StreamingError(f"{what} failed: {reasons.get(status, f'status {status}')}")
+
+    def _snapshot_result(self, request: Any) -> SequenceState:
+        self._end_command(request, "snapshot")
+        return SequenceState._from_engine(request.take_snapshot(), self._producer.model,
+                                          self._producer.engine.n_slots)
+
+    def _branch(self, config: StreamConfig | None) -> tuple[Any, StreamConfig]:
+        """The request of a new branch at this stream's current position."""
+        job = self._producer
+        if job is None or self._done or job.engine is None:
+            raise StreamingError("the stream has ended")
+        inherit = config is None
+        if config is None:
+            config = self._config
+        elif not isinstance(config, StreamConfig):
+            raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
+        if list(config._stops) != list(self._config._stops):
+            raise ValueError("a fork keeps its parent's stop sequences (the text held back for them "
+                             "is shared)")
+        from mullama._engine._engine import Request
+
+        model = job.model
+        params = config.sampler_params()
+        if inherit and params.seed is not None:
+            # its own seed: a sampled branch must not replay its parent's draws
+            params = params.replace(seed=(params.seed + 1) % (1 << 32))
+        sampler = params.native(model.n_vocab, job.seed)
+        child = Request(job.prompt, config.max_tokens, sampler, list(config._stops), config.logprobs,
+                        job.engine.n_ctx_per_slot, TokenRing(config.buffer_size), model.n_vocab,
+                        config.top_logprobs, False, job.request.keeps_cache)
+        self._begin_command(2, child)
+        return child, config
+
+    def _branch_stream(self, child: Any, config: StreamConfig, cls: type) -> Any:
+        self._end_command(self._producer.request, "fork")
+        job = self._producer
+        return cls(config, _Job(child, engine=job.engine, model=job.model, prompt=job.prompt, seed=job.seed),
+                   None, child.n_prompt)
 
     def _deliver(self, record: tuple) -> TokenData:
         token, raw, finish, logprob, top = record
@@ -254,6 +313,25 @@ class TokenStream(_StreamState, ObjectReceiveStream[TokenData]):
                 await anyio.wait_readable(ring.fileno())
             ring.drain_wake()
 
+    async def snapshot(self) -> SequenceState:
+        """A :class:`SequenceState` of this stream at the engine's position: the prompt, the
+        tokens generated so far (read or still buffered) and their KV cells. Continuing
+        from it (``generate_stream(..., state=...)``) evaluates only the last token."""
+        request = self._begin_command(1)
+        while request.command_status == 0:
+            await anyio.sleep(0.001)
+        return self._snapshot_result(request)
+
+    async def fork(self, config: StreamConfig | None = None) -> "TokenStream":
+        """A new stream that continues from this one's current position (after the tokens
+        it has produced, read or buffered) without evaluating anything again: its KV cells
+        are copied. It has its own sampler (``config``, or this stream's with a new seed)
+        and ends, or is cancelled, independently. Needs a free slot (``n_parallel``)."""
+        child, config = self._branch(config)
+        while self._producer.request.command_status == 0:
+            await anyio.sleep(0.001)
+        return self._branch_stream(child, config, TokenStream)
+
     async def aclose(self) -> None:
         """Cancel if still running and wait until its producer has let go."""
         self.cancel()
@@ -293,6 +371,20 @@ class BlockingTokenStream(_StreamState, Iterator[TokenData]):
                 self.cancel()
             raise
         return self._deliver(record)
+
+    def snapshot(self) -> SequenceState:
+        """See :meth:`TokenStream.snapshot`; blocks this thread until the engine has copied it."""
+        request = self._begin_command(1)
+        while request.command_status == 0:
+            time.sleep(0.001)
+        return self._snapshot_result(request)
+
+    def fork(self, config: StreamConfig | None = None) -> "BlockingTokenStream":
+        """See :meth:`TokenStream.fork`."""
+        child, config = self._branch(config)
+        while self._producer.request.command_status == 0:
+            time.sleep(0.001)
+        return self._branch_stream(child, config, BlockingTokenStream)
 
     def close(self) -> None:
         self.cancel()

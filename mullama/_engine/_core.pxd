@@ -85,6 +85,7 @@ cdef struct EngineState:
     int q_len
     mll_bell bell
     int stop
+    int clear_wanted              # a driver asks the engine thread to free the idle slots' cells
     int64_t n_decode_calls
     int64_t n_decoded_tokens
     int64_t n_prefix_hits         # admissions that reused cached tokens

@@ -23,6 +23,10 @@ from mullama._engine._guard cimport (mll_decode, mll_state_seq_get_size, mll_sta
                                      mll_state_seq_set_data, MLL_CXX_ERROR)
 
 
+cdef enum:
+    MIN_REUSE = 8                 # shortest cached prefix worth taking a slot for
+
+
 cdef c_bool engine_abort(void * data) noexcept nogil:
     """Abort a decode only when every sequence in the batch is cancelled (or at shutdown)."""
     cdef EngineState * e = <EngineState *> data
@@ -64,8 +68,8 @@ cdef void _keep_or_forget(EngineState * e, Req * r, int err) noexcept nogil:
     engine_forget(e, r.seq)
 
 
-cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil:
-    """The slot's request is over: keep its cells for reuse or free them, close its ring."""
+cdef Req * _detach(EngineState * e, int slot, int err) noexcept nogil:
+    """The slot's request is over: its cells are kept for reuse or freed, the slot is free."""
     cdef Req * r = e.slots[slot]
     cdef Req * kid
     _keep_or_forget(e, r, err)
@@ -85,10 +89,19 @@ cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil:
     e.n_active -= 1
     if err != ERR_NONE:
         r.err = err
+    return r
+
+
+cdef void _close(EngineState * e, Req * r, int err) noexcept nogil:
     mll_ring_close(r.ring, 1 if err != ERR_NONE else 0)
     pthread_mutex_lock(&e.bell.mu)
     r.done = 1
     pthread_mutex_unlock(&e.bell.mu)
+
+
+cdef void engine_finish(EngineState * e, int slot, int err) noexcept nogil:
+    """End the slot's request: free the slot (cells kept or freed), close its ring."""
+    _close(e, _detach(e, slot, err), err)
 
 
 cdef int32_t _common_prefix(EngineState * e, int slot, Req * r) noexcept nogil:
@@ -109,6 +122,8 @@ cdef int _pick_slot(EngineState * e, Req * r, int32_t * prefix) noexcept nogil:
         if e.slots[i] != NULL:
             continue
         p = _common_prefix(e, i, r) if r.reuse else 0
+        if p < MIN_REUSE and e.n_slots > 1:
+            p = 0                   # a BOS and a word in common do not justify evicting a cache
         if p > best_p or (p == best_p and e.used_at[i] < e.used_at[best]):
             best, best_p = i, p
     prefix[0] = best_p
@@ -525,9 +540,9 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
         return ERR_NOMEM
     if r.finish != FIN_NONE:
         # the slot lets go (cells kept or freed) before the consumer can see the final token
-        _keep_or_forget(e, r, ERR_NONE)
+        _detach(e, slot, ERR_NONE)
         mll_ring_commit(r.ring)
-        engine_finish(e, slot, ERR_NONE)
+        _close(e, r, ERR_NONE)
     else:
         mll_ring_commit(r.ring)
         r.last = tok
@@ -599,6 +614,14 @@ cdef int32_t engine_step(EngineState * e) noexcept nogil:
     of tokens decoded (0: nothing could run — every request is parked, or none is left)."""
     cdef int32_t n, rc
     cdef int64_t t0, t1
+    cdef int i
+    if e.clear_wanted:
+        for i in range(e.n_slots):
+            if e.slots[i] == NULL:
+                engine_forget(e, i)
+        pthread_mutex_lock(&e.bell.mu)
+        e.clear_wanted = 0
+        pthread_mutex_unlock(&e.bell.mu)
     _admit(e)
     engine_reap(e)
     engine_commands(e)

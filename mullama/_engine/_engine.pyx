@@ -139,6 +139,10 @@ cdef class Request:
         return self.r.n_prompt
 
     @property
+    def keeps_cache(self) -> bool:
+        return self.r.keep
+
+    @property
     def n_reused(self) -> int:
         """Prompt tokens taken from the cache instead of being evaluated."""
         return self.r.n_reused
@@ -310,6 +314,21 @@ cdef class Engine:
         for i in range(self.e.n_slots):
             if self.e.slots[i] == NULL:
                 engine_forget(&self.e, i)
+
+    def clear_idle(self):
+        """Free the idle slots' cells from the engine's own thread (threaded engines):
+        returns once done, after at most one decode step."""
+        import time
+        self._check_open()
+        if self._thread is None:
+            self.clear()
+            return
+        pthread_mutex_lock(&self.e.bell.mu)
+        self.e.clear_wanted = 1
+        pthread_mutex_unlock(&self.e.bell.mu)
+        mll_bell_ring(&self.e.bell)
+        while self.e.clear_wanted and self.e.ctx != NULL and not self.e.stop:
+            time.sleep(0.001)
 
     cdef int _check_open(self) except -1:
         if self.e.ctx == NULL or self.e.stop:
@@ -523,6 +542,13 @@ cdef class Engine:
             return []
         base = <size_t> slot * self.e.slot_cells
         return [self.e.hist[base + i] for i in range(self.e.n_hist[slot])]
+
+    def held_positions(self) -> list:
+        """Like ``used_positions``, but -1 for slots that no request holds (their cells,
+        if any, belong to the prefix cache)."""
+        if self.e.ctx == NULL:
+            return []
+        return [self.e.kv_pos[i] if self.e.slots[i] != NULL else -1 for i in range(self.e.n_slots)]
 
     def used_positions(self) -> list:
         """Largest cached position of each sequence (-1: its KV cells are free), as llama.cpp's
