@@ -120,7 +120,7 @@ def open_sse_socket(port: int, body: dict, headers: dict[str, str] | None = None
     """A raw connection that posted a streaming request (for disconnect tests)."""
     payload = json.dumps(body).encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
     sock.sendall(f"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode() + payload)
     return sock
