@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import numpy as np
 import pytest
 
 import mullama
@@ -25,6 +26,9 @@ PROMPTS = [
     "A haiku about autumn:",
 ]
 GREEDY = StreamConfig(max_tokens=16, temperature=0.0, timeout_ms=300_000)
+# How long the engine thread may take to catch up (take a queued stream, reap a cancelled one):
+# a step or two, which on a busy machine can take seconds. A bound, not a speed check.
+SETTLE_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +69,37 @@ async def test_eight_concurrent_streams_are_exact(engine_model):
     assert max(engine_model.kv_positions()) == -1
 
 
+# How far a batch row may be from the one-stream path. Both are right: llama.cpp's CPU kernels
+# quantize activations and accumulate in a different order for different batch shapes (and the
+# native build picks its kernels per host), and this small Q4_K model amplifies a rounding step
+# that lands differently. Measured on an AVX-512 VNNI/BF16 host against the same teacher-forced
+# reference as below, over 48 prompts x 10 positions x 3 arrival patterns plus this test's own
+# scenario 16 times: the chosen token's logprob at most 0.29 nats apart (median 0.01), a top-5
+# alternative at most 0.79; the one-stream path against itself (a one-token decode step against
+# evaluating the whole prefix) 0.375 and 0.85; one prompt evaluated with n_batch 512 and with
+# n_batch 1, logits up to 2.0 apart. A greedy token lost to a near tie was at most 0.40 nats
+# behind the reference's best. Another stream's row is far away: in this scenario the reported
+# alternatives were at least 2.4 nats (mean) from any other stream's distribution, against at
+# most 0.23 from the stream's own.
+LOGPROB_TOL = 0.6          # the chosen token, and how far behind the best a greedy token may be
+ALTERNATIVE_TOL = 1.2      # each reported alternative
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    top = x.max()
+    return x - (top + np.log(np.exp(x - top).sum()))
+
+
+def _distance(pairs, dist: np.ndarray) -> float:
+    """Mean distance, in nats, of reported ``(token_id, logprob)`` pairs from a distribution."""
+    return float(np.mean([abs(lp - dist[tid]) for tid, lp in pairs]))
+
+
 async def test_log_probabilities_of_a_full_batch(engine_model):
     """Each step's rows are reduced on all threads at once; every stream still gets the
-    log-probability and alternatives of its own row, as the one-stream path computes them."""
+    log-probability and alternatives of its own row (checked at every position against the
+    one-stream path, teacher-forced on the tokens the stream produced)."""
     model = engine_model.model
     greedy_top = GREEDY.replace(max_tokens=6, top_logprobs=5)
     sampled_top = StreamConfig(max_tokens=6, temperature=0.9, top_k=0, top_p=1.0, top_logprobs=4,
@@ -103,16 +135,32 @@ async def test_log_probabilities_of_a_full_batch(engine_model):
                 assert t.logprob <= lps[-1] + 1e-6
         if config.temperature == 0.0:
             assert [t.top_logprobs[0][0] for t in toks] == [t.token_id for t in toks]
-    # against the one-stream path (a batch row rounds a little differently: loose tolerance)
-    for i in (0, 5):
-        ids = model.tokenize(PROMPTS[i])
-        expected = list(mullama.Context(model, n_ctx=256).stream_tokens(
-            ids, 1, mullama.SamplerParams(temperature=0), top_logprobs=5))[0]
-        got = results[i][0]
-        assert got.token_id == expected.token_id
-        assert got.logprob == pytest.approx(expected.logprob, abs=0.05)
-        if i == 0:
-            assert [tid for tid, _ in got.top_logprobs[:2]] == [tid for tid, _ in expected.top_logprobs[:2]]
+
+    # Against the one-stream path: the distribution after the prompt and the tokens the stream
+    # produced so far, computed by a context of its own (see LOGPROB_TOL for how close). One
+    # thread gives the same logits as several (measured: bit-identical) and, on a busy machine,
+    # never waits at a thread barrier for a descheduled worker.
+    with mullama.Context(model, n_ctx=256, n_threads=1) as ctx:
+        refs = {i: [log_softmax(ctx.logits(model.tokenize(PROMPTS[i]) + [t.token_id for t in results[i][:k]]))
+                    for k in range(6)]
+                for i, config in enumerate(configs) if config.logprobs}
+    for i, config in enumerate(configs):
+        if not config.logprobs:
+            continue
+        for k, t in enumerate(results[i]):
+            ref = refs[i][k]
+            assert abs(t.logprob - ref[t.token_id]) <= LOGPROB_TOL, (i, k)
+            if config.temperature == 0.0:
+                assert ref.max() - ref[t.token_id] <= LOGPROB_TOL, (i, k)   # the best, or a near tie
+            if not config.top_logprobs:
+                continue
+            assert all(abs(lp - ref[tid]) <= ALTERNATIVE_TOL for tid, lp in t.top_logprobs), (i, k)
+            # its own row: the alternatives fit this stream's distribution far better than any other's
+            own = _distance(t.top_logprobs, ref)
+            assert own <= LOGPROB_TOL, (i, k)
+            for j, other in enumerate(configs):
+                if j != i and other.top_logprobs:
+                    assert _distance(t.top_logprobs, refs[j][k]) > 2 * own + LOGPROB_TOL, (i, j, k)
     assert max(engine_model.kv_positions()) == -1
 
 
@@ -138,7 +186,7 @@ async def test_aborting_some_streams_leaves_the_others_intact(engine_model):
         else:
             assert len(results[i]) == 24 and results[i][-1].is_final
     assert len(await collect(engine_model, PROMPTS[0])) == 16
-    with anyio.fail_after(5):
+    with anyio.fail_after(SETTLE_S):
         while engine_model.active_streams:
             await anyio.sleep(0.01)
     assert max(engine_model.kv_positions()) == -1
@@ -188,7 +236,7 @@ async def test_holes_between_running_streams(engine_model):
         ids = [t.token_id for t in got[i] if not model.is_eog(t.token_id)]
         assert len(got[i]) == (3 if i == 3 else 40) or got[i][-1].is_final
         assert_own_greedy_continuation(model, PROMPTS[i], ids)
-    with anyio.fail_after(5):
+    with anyio.fail_after(SETTLE_S):
         while engine_model.active_streams:
             await anyio.sleep(0.01)
     assert max(engine_model.kv_positions()) == -1
@@ -198,7 +246,7 @@ async def test_queue_is_fifo_and_bounded(model_path):
     async with await AsyncModel.load(model_path, n_ctx=256, n_parallel=1, max_queue=2) as m:
         config = StreamConfig(max_tokens=6, temperature=0.0)
         streams = [await m.generate_stream(PROMPTS[0], config)]
-        with anyio.fail_after(10):
+        with anyio.fail_after(SETTLE_S):
             while m.active_streams == 0:  # the engine thread takes it from the queue
                 await anyio.sleep(0.001)
         streams += [await m.generate_stream(PROMPTS[i], config) for i in (1, 2)]  # these two wait
@@ -215,7 +263,7 @@ async def test_queue_is_fifo_and_bounded(model_path):
             for i in (2, 1, 0):
                 tg.start_soon(drain, i)
         assert order == [0, 1, 2]
-        with anyio.fail_after(10):  # the engine frees the slot right after the final token
+        with anyio.fail_after(SETTLE_S):  # the engine frees the slot right after the final token
             while m.active_streams or m.waiting_streams:
                 await anyio.sleep(0.001)
 
