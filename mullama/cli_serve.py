@@ -19,6 +19,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=2048, help="context length of each stream (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="decode threads (default: the physical cores)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not keep a finished stream's KV cells for the next prompt sharing its prefix")
     p.add_argument("--api-key", default=os.environ.get("MULLAMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MULLAMA_API_KEY, or none)")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
@@ -48,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     model = AsyncModel(Model.load(path), n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
-                       max_queue=args.max_queue)
+                       max_queue=args.max_queue, prefix_cache=args.prefix_cache)
 
     async def until_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -61,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
                 model, settings, sock, shutdown_trigger=until_signal, task_status=task_status,
                 access_log=args.access_log))
             shown = f"[{host}]" if ":" in host else host
-            print(f"mullama: serving {model_id} on http://{shown}:{port} ({args.parallel} slots)",
+            cache = "" if args.prefix_cache else ", no prefix cache"
+            print(f"mullama: serving {model_id} on http://{shown}:{port} ({args.parallel} slots{cache})",
                   file=sys.stderr, flush=True)
 
     try:

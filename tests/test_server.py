@@ -133,8 +133,9 @@ def test_openai_errors_have_openai_shape(client, server):
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="any", messages=[{"role": "wizard", "content": "x"}])
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="any", prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="any", prompt=PROMPT, n=5)  # more choices than slots
+    assert info.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="any", input="x")
 

@@ -89,7 +89,8 @@ async def _health(request: Request) -> Response:
     service: Service = request.app.state.service
     model = service.model
     return JSONResponse({"status": "ok", "model": service.settings.model_id, "slots": model.n_parallel,
-                         "active_streams": model.active_streams, "queue_depth": model.waiting_streams})
+                         "active_streams": model.active_streams, "queue_depth": model.waiting_streams,
+                         "prefix_cache": model.prefix_cache_stats()["enabled"]})
 
 
 async def _metrics(request: Request) -> Response:

@@ -1,7 +1,9 @@
 """OpenAI-compatible endpoints: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
 
 Shapes follow OpenAI's API reference, so the official ``openai`` client works
-unchanged (streaming and not). One choice per request (``n`` must be 1).
+unchanged (streaming and not). ``n`` choices (at most the model's slots) share
+one evaluation of the prompt; with a ``seed``, choice ``i`` samples with
+``seed + i``, so the choices differ and a request is reproducible.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mullama.errors import MullamaError
 from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
-from mullama.server.service import Generation, Service
+from mullama.server.service import Choices, Service
 from mullama.server.tutorial_api import SSE_HEADERS
 from mullama.types import TokenData
 
@@ -38,9 +40,10 @@ def _piece(service: Service, token_id: int) -> bytes:
     return service.model.model.token_to_piece(token_id, special=True)
 
 
-def _usage(gen: Generation) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+def _usage(choices: Choices) -> dict[str, int]:
+    """The prompt counts once however many choices share it."""
+    return {"prompt_tokens": choices.prompt_tokens, "completion_tokens": choices.completion_tokens,
+            "total_tokens": choices.prompt_tokens + choices.completion_tokens}
 
 
 def _completion_prompt(fields: Fields, n_vocab: int) -> str | list[int]:
@@ -90,9 +93,11 @@ def _messages(fields: Fields) -> list[dict[str, str]]:
     return out
 
 
-def _check_n(fields: Fields) -> None:
-    if fields.integer("n", 1, 1, 128) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+def _n(fields: Fields, service: Service) -> int:
+    n = fields.integer("n", 1, 1, 2**31 - 1)
+    assert n is not None
+    service.check_n(n)
+    return n
 
 
 def _stream_options(fields: Fields) -> bool:
@@ -104,18 +109,15 @@ def _stream_options(fields: Fields) -> bool:
     return bool(opts.get("include_usage", False))
 
 
-class _Chat:
+def _chat_logprob_entry(service: Service, tok: TokenData) -> dict[str, Any]:
     """Chat-format logprobs of one token."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = _piece(service, token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
-    @staticmethod
-    def logprob_entry(service: Service, tok: TokenData) -> dict[str, Any]:
-        def one(token_id: int, logprob: float) -> dict[str, Any]:
-            raw = _piece(service, token_id)
-            return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
-
-        entry = one(tok.token_id, tok.logprob if tok.logprob is not None else 0.0)
-        entry["top_logprobs"] = [one(i, lp) for i, lp in (tok.top_logprobs or ())]
-        return entry
+    entry = one(tok.token_id, tok.logprob if tok.logprob is not None else 0.0)
+    entry["top_logprobs"] = [one(i, lp) for i, lp in (tok.top_logprobs or ())]
+    return entry
 
 
 class _Legacy:
@@ -141,8 +143,112 @@ class _Legacy:
                 "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
 
 
-async def _sse(chunks: AsyncIterator[dict[str, Any]], gen: Generation) -> AsyncIterator[str]:
-    async with gen:
+class _Shape:
+    """How one endpoint writes its choices; ``_answer`` does the rest for both.
+
+    Streamed: ``opening`` (or nothing), a ``delta`` per token (None: nothing to
+    send), ``closing`` with the finish reason. Whole: ``take`` each token, then
+    ``choice``. Every method gets the choice's index.
+    """
+
+    endpoint = ""          # the metrics label
+    id_prefix = ""
+    object = ""            # of a whole answer
+    chunk_object = ""      # of a streamed chunk
+
+    def __init__(self, service: Service, n: int, want_lp: bool) -> None:
+        self.service = service
+        self.want_lp = want_lp
+        self.parts: list[list[str]] = [[] for _ in range(n)]
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, index: int, tok: TokenData) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def closing(self, index: int, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def take(self, index: int, tok: TokenData) -> None:
+        self.parts[index].append(tok.text)
+
+    def choice(self, index: int, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CompletionShape(_Shape):
+    endpoint, id_prefix, object, chunk_object = "completions", "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, service: Service, n: int, want_lp: bool, echo: str) -> None:
+        super().__init__(service, n, want_lp)
+        self.echo = echo
+        self.logprobs = [_Legacy() for _ in range(n)]
+
+    @staticmethod
+    def _choice(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self._choice(index, self.echo, None, None) if self.echo else None
+
+    def delta(self, index: int, tok: TokenData) -> dict[str, Any] | None:
+        lp = None
+        if self.want_lp and tok.token_id >= 0:
+            one = _Legacy()
+            one.add(self.service, tok)
+            lp = one.payload()
+        return self._choice(index, tok.text, lp, None) if tok.text or lp else None
+
+    def closing(self, index: int, finish: str) -> dict[str, Any]:
+        return self._choice(index, "", None, finish)
+
+    def take(self, index: int, tok: TokenData) -> None:
+        super().take(index, tok)
+        if self.want_lp and tok.token_id >= 0:
+            self.logprobs[index].add(self.service, tok)
+
+    def choice(self, index: int, finish: str) -> dict[str, Any]:
+        return self._choice(index, self.echo + "".join(self.parts[index]),
+                            self.logprobs[index].payload() if self.want_lp else None, finish)
+
+
+class _ChatShape(_Shape):
+    endpoint, id_prefix, object, chunk_object = "chat", "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, service: Service, n: int, want_lp: bool) -> None:
+        super().__init__(service, n, want_lp)
+        self.entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+    @staticmethod
+    def _chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self._chunk(index, {"role": "assistant", "content": ""}, None, None)
+
+    def delta(self, index: int, tok: TokenData) -> dict[str, Any] | None:
+        lp = None
+        if self.want_lp and tok.token_id >= 0:
+            lp = {"content": [_chat_logprob_entry(self.service, tok)]}
+        return self._chunk(index, {"content": tok.text}, lp, None) if tok.text or lp else None
+
+    def closing(self, index: int, finish: str) -> dict[str, Any]:
+        return self._chunk(index, {}, None, finish)
+
+    def take(self, index: int, tok: TokenData) -> None:
+        super().take(index, tok)
+        if self.want_lp and tok.token_id >= 0:
+            self.entries[index].append(_chat_logprob_entry(self.service, tok))
+
+    def choice(self, index: int, finish: str) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": "".join(self.parts[index])},
+                "logprobs": {"content": self.entries[index]} if self.want_lp else None,
+                "finish_reason": finish}
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]], choices: Choices) -> AsyncIterator[str]:
+    async with choices:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
@@ -152,15 +258,16 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], gen: Generation) -> AsyncI
         yield "data: [DONE]\n\n"
 
 
-async def _consume(request: Request, gen: Generation, take: Callable[[TokenData], None]) -> Response | None:
-    """Run a non-streaming generation to its end, feeding each token to ``take``.
+async def _consume(request: Request, choices: Choices,
+                   take: Callable[[int, TokenData], None]) -> Response | None:
+    """Run a non-streaming request's choices to their end, feeding each token to ``take``.
 
-    Returns None when it completed, else the response to send: an error, or
-    nothing useful when the client disconnected meanwhile (that cancels the
-    generation at once instead of decoding for nobody).
+    Returns None when they completed, else the response to send: an error, or
+    nothing useful when the client disconnected meanwhile (that cancels every
+    choice at once instead of decoding for nobody).
     """
     gone = False
-    async with gen, anyio.create_task_group() as tg:
+    async with choices, anyio.create_task_group() as tg:
         async def watch() -> None:
             nonlocal gone
             while (await request.receive())["type"] != "http.disconnect":
@@ -170,8 +277,10 @@ async def _consume(request: Request, gen: Generation, take: Callable[[TokenData]
 
         tg.start_soon(watch)
         try:
-            async for tok in gen:
-                take(tok)
+            while not choices.finished:
+                for index, tok in await choices.step():
+                    if tok is not None:
+                        take(index, tok)
         except MullamaError as exc:
             tg.cancel_scope.cancel()
             return error_response(api_error_from(exc))
@@ -179,12 +288,46 @@ async def _consume(request: Request, gen: Generation, take: Callable[[TokenData]
     return Response(status_code=499) if gone else None
 
 
+async def _answer(request: Request, shape: _Shape, choices: Choices, stream: bool,
+                  include_usage: bool) -> Response:
+    """The response of a started request: SSE chunks, or one JSON body once all choices ended."""
+    service: Service = request.app.state.service
+    head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": service.settings.model_id}
+
+    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        return {**head, "object": shape.chunk_object, "choices": [choice]}
+
+    if stream:
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            for index in range(len(choices)):
+                if (opening := shape.opening(index)) is not None:
+                    yield chunk(opening)
+            while not choices.finished:
+                for index, tok in await choices.step():
+                    if tok is None:
+                        yield chunk(shape.closing(index, _finish(choices.finish_reason(index))))
+                    elif (delta := shape.delta(index, tok)) is not None:
+                        yield chunk(delta)
+            if include_usage:
+                yield {**head, "object": shape.chunk_object, "choices": [], "usage": _usage(choices)}
+
+        return StreamingResponse(_sse(chunks(), choices), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    failed = await _consume(request, choices, shape.take)
+    if failed is not None:
+        return failed
+    return JSONResponse({**head, "object": shape.object,
+                         "choices": [shape.choice(i, _finish(choices.finish_reason(i))) for i in range(len(choices))],
+                         "usage": _usage(choices)})
+
+
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     try:
         fields = Fields(await read_json(request, service.settings.max_body_bytes), service.settings)
         prompt = _completion_prompt(fields, service.model.model.n_vocab)
-        _check_n(fields)
+        n = _n(fields, service)
         n_logprobs = fields.integer("logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
         stream = fields.boolean("stream")
         include_usage = _stream_options(fields)
@@ -193,52 +336,12 @@ async def completions(request: Request) -> Response:
             raise ApiError(400, "'echo' needs a text prompt", param="echo")
         config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
                                       logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
-        gen = await service.start(prompt, config, "completions")
+        shape = _CompletionShape(service, n, n_logprobs is not None,
+                                 prompt if echo and isinstance(prompt, str) else "")
+        choices = await service.start_choices(prompt, config, shape.endpoint, n)
     except ApiError as err:
         return error_response(err)
-    ident = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model_id = service.settings.model_id
-    prefix = prompt if echo and isinstance(prompt, str) else ""
-    want_lp = n_logprobs is not None
-
-    def chunk(text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
-        return {"id": ident, "object": "text_completion", "created": created, "model": model_id,
-                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
-
-    if stream:
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            if prefix:
-                yield chunk(prefix, None, None)
-            async for tok in gen:
-                lp = None
-                if want_lp and tok.token_id >= 0:
-                    one = _Legacy()
-                    one.add(service, tok)
-                    lp = one.payload()
-                if tok.text or lp:
-                    yield chunk(tok.text, lp, None)
-            yield chunk("", None, _finish(gen.finish_reason))
-            if include_usage:
-                yield {"id": ident, "object": "text_completion", "created": created, "model": model_id,
-                       "choices": [], "usage": _usage(gen)}
-
-        return StreamingResponse(_sse(chunks(), gen), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    legacy = _Legacy()
-    parts = [prefix]
-
-    def take(tok: TokenData) -> None:
-        parts.append(tok.text)
-        if want_lp and tok.token_id >= 0:
-            legacy.add(service, tok)
-
-    failed = await _consume(request, gen, take)
-    if failed is not None:
-        return failed
-    body = chunk("".join(parts), legacy.payload() if want_lp else None, _finish(gen.finish_reason))
-    body["usage"] = _usage(gen)
-    return JSONResponse(body)
+    return await _answer(request, shape, choices, stream, include_usage)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -246,7 +349,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         fields = Fields(await read_json(request, service.settings.max_body_bytes), service.settings)
         messages = _messages(fields)
-        _check_n(fields)
+        n = _n(fields, service)
         want_lp = fields.boolean("logprobs")
         n_top = fields.integer("top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
         if n_top and not want_lp:
@@ -261,51 +364,11 @@ async def chat_completions(request: Request) -> Response:
         except (MullamaError, ValueError, TypeError) as exc:
             raise ApiError(400, f"the chat template could not render the messages: {exc}",
                            param="messages") from None
-        gen = await service.start(prompt, config, "chat")
+        shape = _ChatShape(service, n, want_lp)
+        choices = await service.start_choices(prompt, config, shape.endpoint, n)
     except ApiError as err:
         return error_response(err)
-    ident = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model_id = service.settings.model_id
-
-    def chunk(delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-
-    if stream:
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            yield chunk({"role": "assistant", "content": ""}, None, None)
-            async for tok in gen:
-                lp = None
-                if want_lp and tok.token_id >= 0:
-                    lp = {"content": [_Chat.logprob_entry(service, tok)]}
-                if tok.text or lp:
-                    yield chunk({"content": tok.text}, lp, None)
-            yield chunk({}, None, _finish(gen.finish_reason))
-            if include_usage:
-                yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                       "choices": [], "usage": _usage(gen)}
-
-        return StreamingResponse(_sse(chunks(), gen), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    parts: list[str] = []
-    entries: list[dict[str, Any]] = []
-
-    def take(tok: TokenData) -> None:
-        parts.append(tok.text)
-        if want_lp and tok.token_id >= 0:
-            entries.append(_Chat.logprob_entry(service, tok))
-
-    failed = await _consume(request, gen, take)
-    if failed is not None:
-        return failed
-    return JSONResponse({
-        "id": ident, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "logprobs": {"content": entries} if want_lp else None,
-                     "finish_reason": _finish(gen.finish_reason)}],
-        "usage": _usage(gen),
-    })
+    return await _answer(request, shape, choices, stream, include_usage)
 
 
 async def list_models(request: Request) -> Response:
@@ -315,5 +378,6 @@ async def list_models(request: Request) -> Response:
         "id": service.settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "mullama",
         "meta": {"n_ctx": service.model.n_ctx, "n_parallel": service.model.n_parallel,
                  "n_vocab": model.n_vocab, "n_params": model.n_params, "size": model.size,
-                 "description": model.description},
+                 "description": model.description,
+                 "prefix_cache": service.model.prefix_cache_stats()["enabled"]},
     }]})
