@@ -54,12 +54,17 @@ class AsyncModel:
     turn evaluates only the new message). Slots are given up least recently
     used first. ``kv_positions()`` reports the cells streams hold;
     ``prefix_cache_stats()`` the cache's own.
+
+    ``swa_full=True`` (the default) gives sliding-window layers (Gemma 3) a
+    full-size cache: faster here, and any cached prefix can be reused. With
+    ``False`` their cache holds only the window, and a prefix is reused only
+    while the window behind it is intact.
     """
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_parallel: int = 4, *, batching: bool = True,
                  max_queue: int = 64, prefill_chunk: int = 256, n_threads: int | None = None,
                  n_batch: int = 512, flash_attn: bool | str = "auto", seed: int | None = None,
-                 prefix_cache: bool = True, **context_kwargs: Any) -> None:
+                 prefix_cache: bool = True, swa_full: bool = True, **context_kwargs: Any) -> None:
         n_parallel = _positive_int("n_parallel", n_parallel, 1, 256)
         self._n_ctx = _positive_int("n_ctx", n_ctx, 8, 1 << 20)
         max_queue = _positive_int("max_queue", max_queue, 0, 1 << 20)
@@ -72,6 +77,7 @@ class AsyncModel:
         self._seed = SamplerParams(seed=seed).seed
         self._prefix_cache = bool(prefix_cache)
         context_kwargs.setdefault("reuse_prefix", self._prefix_cache)
+        context_kwargs.setdefault("swa_full", bool(swa_full))
         self._model = model
         self._n_parallel = n_parallel
         self._closed = False
@@ -84,7 +90,7 @@ class AsyncModel:
                                     seed=seed)
         if batching:
             self._engine = Engine(model._handle, n_parallel, self._n_ctx, n_batch, threads, threads,
-                                  _FLASH_ATTN[key], True, max_queue, prefill_chunk)
+                                  _FLASH_ATTN[key], bool(swa_full), max_queue, prefill_chunk)
             self._engine.start()
             _running_engines.add(self._engine)
         else:
