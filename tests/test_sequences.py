@@ -235,3 +235,18 @@ def test_snapshot_of_another_model_or_a_broken_file_is_refused(model, tmp_path):
         with pytest.raises(mullama.StateError, match="refused"):
             ctx2.load_state(forged)
         assert ctx2.kv_positions() == [-1]
+
+
+def test_blocking_stream_snapshot_and_fork(amodel):
+    config = GREEDY.replace(max_tokens=20, buffer_size=1)
+    with amodel.stream_blocking(STORY, config) as stream:
+        head = [next(stream) for _ in range(3)]
+        state = stream.snapshot()
+        with stream.fork(GREEDY.replace(max_tokens=5)) as child:
+            branch = list(child)
+        rest = list(stream)
+    n_prompt = len(amodel.model.tokenize(STORY))
+    assert list(state.tokens[n_prompt:n_prompt + 3]) == ids_of(head)
+    assert len(branch) == 5 and branch[-1].is_final and child.finish_reason == "length"
+    assert len(head) + len(rest) == 20 and stream.finish_reason == "length"
+    assert amodel.kv_positions() == [-1] * 4
