@@ -176,6 +176,11 @@ cdef class Request:
         return None
 
 
+cdef inline void _release(void ** p) noexcept:
+    free(p[0])
+    p[0] = NULL
+
+
 cdef tuple _snapshot_tuple(Req * r):
     import numpy as np
     tokens = np.empty(r.snap_n_tokens, dtype=np.int32)
@@ -449,20 +454,13 @@ cdef class Engine:
         if self.e.batch.token != NULL:
             llama_batch_free(self.e.batch)
             self.e.batch.token = NULL
-        free(self.e.slots)
-        self.e.slots = NULL
-        free(self.e.kv_pos)
-        self.e.kv_pos = NULL
-        free(self.e.jobs)
-        self.e.jobs = NULL
-        free(self.e.scratch)
-        self.e.scratch = NULL
-        free(self.e.hist)
-        self.e.hist = NULL
-        free(self.e.n_hist)
-        self.e.n_hist = NULL
-        free(self.e.used_at)
-        self.e.used_at = NULL
+        _release(<void **> &self.e.slots)
+        _release(<void **> &self.e.kv_pos)
+        _release(<void **> &self.e.jobs)
+        _release(<void **> &self.e.scratch)
+        _release(<void **> &self.e.hist)
+        _release(<void **> &self.e.n_hist)
+        _release(<void **> &self.e.used_at)
 
     def close(self):
         """Stop the engine; running and queued requests end as cancelled. The caller

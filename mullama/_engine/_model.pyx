@@ -385,21 +385,19 @@ cdef class ModelHandle:
                 chat[i].content = <const char *> content
                 cap += len(role) + len(content)
             cap = cap * 2 + 256
-            buf = <char *> malloc(cap)
-            if buf == NULL:
-                raise MemoryError()
-            size = mll_chat_apply_template(template, chat, n, add_assistant, buf, cap)
-            if size == MLL_CXX_ERROR:
-                _raise_if_threw("applying the chat template", errors.TemplateError)
-            if size > cap:
+            for _ in range(2):      # a second time only when the first buffer was too small
                 free(buf)
-                cap = size + 1
                 buf = <char *> malloc(cap)
                 if buf == NULL:
                     raise MemoryError()
                 size = mll_chat_apply_template(template, chat, n, add_assistant, buf, cap)
                 if size == MLL_CXX_ERROR:
                     _raise_if_threw("applying the chat template", errors.TemplateError)
+                if size <= cap:
+                    break
+                cap = size + 1
+            if size > cap:
+                raise errors.TemplateError("the rendered chat template did not fit its buffer")
             if size < 0:
                 raise errors.TemplateError("llama.cpp does not support this chat template")
             return buf[:size]
