@@ -100,7 +100,7 @@ cdef class Request:
     def add_branch(self, Request kid not None):
         """Before submitting: ``kid`` (same prompt) branches from this request's prompt once
         it is evaluated, sampling its first token from the same logits (n > 1)."""
-        if self._kids is None or kid is self:
+        if kid is self:
             raise ValueError("a request cannot branch from itself")
         if kid.r.n_prompt != self.r.n_prompt:
             raise ValueError("a branch has its parent's prompt")
@@ -122,8 +122,7 @@ cdef class Request:
         """(tokens, n_cached, data) of the last snapshot command; frees its buffers."""
         if self.r.snap_tokens == NULL:
             raise RuntimeError("no snapshot was taken")
-        out = _snapshot_tuple(&self.r)
-        return out
+        return _snapshot_tuple(&self.r)
 
     def cancel(self):
         """Ask the engine to drop this request; it stops within one step."""
