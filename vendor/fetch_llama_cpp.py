@@ -31,7 +31,8 @@ STAMP = DEST / ".mullama-pin"
 
 # Top-level entries of llama.cpp that the library build (and the benchmark's
 # build of llama-bench / llama-server / llama-batched-bench) needs. Models,
-# docs, tests, the web UI assets and the Python tooling are left out.
+# docs, tests, the web UI assets and the Python tooling are left out; of models/ only the chat
+# templates are kept (tool-calling tests render the real templates of several model families).
 NEEDED = (
     "CMakeLists.txt",
     "LICENSE",
@@ -40,6 +41,7 @@ NEEDED = (
     "ggml",
     "include",
     "licenses",
+    "models/templates",
     "scripts",
     "src",
     "tools",
@@ -131,7 +133,7 @@ def _safe_members(tar: tarfile.TarFile, prefix: str):
         if not name.startswith(prefix + "/"):
             continue
         rel = name[len(prefix) + 1 :]
-        if rel.split("/", 1)[0] not in NEEDED:
+        if not any(rel == keep or rel.startswith(keep + "/") for keep in NEEDED):
             continue
         if not (member.isfile() or member.isdir()) or ".." in Path(rel).parts:
             continue  # nothing the build needs is a link or a device; refuse anything odd
