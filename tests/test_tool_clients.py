@@ -65,7 +65,8 @@ def body(**kw):
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_call_in_the_answer(tool_server, choice):
-    status, answer = tool_server.json("POST", "/v1/chat/completions", body(tool_choice=choice))
+    status, answer = tool_server.json("POST", "/v1/chat/completions",
+                                      body(tool_choice=choice, parallel_tool_calls=False))
     assert status == 200, answer
     [c] = answer["choices"]
     assert c["finish_reason"] == "tool_calls"
@@ -132,7 +133,8 @@ def test_openai_parse_with_a_strict_pydantic_tool(client):
     tool = openai.pydantic_function_tool(Weather)
     assert tool["function"]["strict"] is True
     completion = client.chat.completions.parse(
-        model="mullama", messages=ASK, tools=[tool], tool_choice="required", temperature=0, max_tokens=64)
+        model="mullama", messages=ASK, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+        temperature=0, max_tokens=64)
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
