@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+import anyio
 import httpx
 import jsonschema
 import openai
@@ -188,8 +189,9 @@ def test_pydantic_ai_agent_calls_a_tool_then_gives_structured_output(tool_server
 
     steer = _Steer()
     calls = []
-    http = httpx.AsyncClient(transport=steer, timeout=120)
-    provider = OpenAIProvider(base_url=f"{tool_server.url}/v1", api_key="unused", http_client=http)
+    api = openai.AsyncOpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0,
+                             http_client=httpx.AsyncClient(transport=steer, timeout=120))
+    provider = OpenAIProvider(openai_client=api)
     agent = Agent(OpenAIChatModel("mullama", provider=provider), output_type=Report,
                   model_settings={"temperature": 0, "max_tokens": 96})
 
@@ -199,7 +201,11 @@ def test_pydantic_ai_agent_calls_a_tool_then_gives_structured_output(tool_server
         calls.append(city)
         return f"Sunny and 21 C in {city}."
 
-    result = agent.run_sync("What is the weather in Paris?")
+    async def run():
+        async with api:  # closes its connections before the loop ends
+            return await agent.run("What is the weather in Paris?")
+
+    result = anyio.run(run)
     assert isinstance(result.output, Report)
     assert len(calls) == 1 and len(steer.sent) == 2
     assert [m["role"] for m in steer.sent[1]["messages"]][-2:] == ["assistant", "tool"]
@@ -211,8 +217,9 @@ def test_pydantic_ai_agent_calls_a_tool_then_gives_structured_output(tool_server
 def _chat_model(tool_server, **kw):
     from langchain_openai import ChatOpenAI
 
+    kw.setdefault("max_tokens", 64)
     return ChatOpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", model="mullama", temperature=0,
-                      max_tokens=64, max_retries=0, timeout=120, **kw)
+                      max_retries=0, timeout=120, **kw)
 
 
 def test_langchain_structured_output_by_function_calling(tool_server):
@@ -238,6 +245,9 @@ def test_langchain_bind_tools_round_trip_with_a_tool_message(tool_server):
     assert call["name"] == "get_weather" and call["id"]
     jsonschema.validate(call["args"], get_weather.tool_call_schema.model_json_schema())
     history += [ai, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
-    final = llm.bind_tools([get_weather], tool_choice="none").invoke(history)
+    short = _chat_model(tool_server, max_tokens=16)
+    final = short.bind_tools([get_weather], tool_choice="none").invoke(history)
     assert not final.tool_calls and isinstance(final.content, str) and final.content
-    assert final.usage_metadata["input_tokens"] > ai.usage_metadata["input_tokens"]
+    # the call and its result were rendered into the prompt (the tools were not: tool_choice "none")
+    question = _chat_model(tool_server, max_tokens=1).invoke(history[:1])
+    assert final.usage_metadata["input_tokens"] > question.usage_metadata["input_tokens"] + 10
