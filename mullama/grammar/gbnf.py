@@ -50,6 +50,10 @@ MAX_CODEPOINT = 0x10FFFF
 _DIRECT_REPEAT = 400
 # Largest count supported at all (two levels of blocks).
 MAX_REPEAT = _DIRECT_REPEAT * _DIRECT_REPEAT
+# Deeper inline groups become rules of their own (the engine caps nesting).
+_MAX_INLINE_DEPTH = 24
+# The engine refuses grammar text above 1 MiB.
+MAX_GRAMMAR_BYTES = 1 << 20
 # Cap on the grammar after llama.cpp's expansion of repetitions (elements + generated rules).
 DEFAULT_MAX_GRAMMAR_UNITS = 200_000
 
@@ -197,6 +201,7 @@ class Grammar:
     max_units: int = DEFAULT_MAX_GRAMMAR_UNITS
     _helpers: dict[str, str] = field(default_factory=dict)
     _units: int = 0
+    _depth: int = 0
 
     def new_name(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9]+", "-", hint).strip("-").lower() or "r"
@@ -221,13 +226,13 @@ class Grammar:
     def check(self, root: str = "root") -> None:
         """Refuse rules that derive nothing finite, left recursion, and nullable loops."""
         productive = self._fixpoint(_productive)
-        for name in self.rules:
-            if name not in productive:
-                where = self.origins.get(name) or ""
-                raise SchemaError(
-                    "this part of the schema cannot produce any finite JSON value "
-                    "(a $ref cycle with no base case, or constraints that exclude everything)",
-                    where)
+        barren = [n for n in self.rules if n not in productive]
+        if barren:
+            # Name the part of the schema most likely at fault: a definition over the root.
+            where = next((self.origins[n] for n in barren if self.origins.get(n)), "")
+            raise SchemaError("this part of the schema cannot produce any finite JSON value "
+                              "(a $ref cycle with no base case, or constraints that exclude "
+                              "everything)", where)
         nullable = self._fixpoint(_nullable)
         for name, expr in self.rules.items():
             bad = _nullable_loop(expr, nullable)
@@ -283,7 +288,10 @@ class Grammar:
                 raise SchemaError(f"the generated grammar is too large (over {self.max_units} "
                                   "rules and symbols after expansion); simplify the schema "
                                   "or lower its repetition counts")
-        return "\n".join(out) + "\n"
+        text = "\n".join(out) + "\n"
+        if len(text.encode()) > MAX_GRAMMAR_BYTES:
+            raise SchemaError(f"the generated grammar is over {MAX_GRAMMAR_BYTES} bytes; simplify the schema")
+        return text
 
     def _render_top(self, expr: Expr) -> str:
         if isinstance(expr, Alt):
@@ -291,6 +299,13 @@ class Grammar:
         return self._render(expr)
 
     def _render(self, expr: Expr) -> str:
+        self._depth += 1
+        try:
+            return self._render_inner(expr)
+        finally:
+            self._depth -= 1
+
+    def _render_inner(self, expr: Expr) -> str:
         self._units += 1
         if isinstance(expr, Lit):
             self._units += len(expr.text)
@@ -305,6 +320,8 @@ class Grammar:
                 return '""'
             return " ".join(self._render_atom(i) for i in expr.items)
         if isinstance(expr, Alt):
+            if self._depth > _MAX_INLINE_DEPTH:
+                return self._symbol(expr)  # keeps parenthesis nesting shallow
             return "(" + " | ".join(self._render(o) for o in expr.options) + ")"
         if isinstance(expr, Rep):
             return self._render_rep(expr)
@@ -319,7 +336,9 @@ class Grammar:
         llama.cpp's repetition budget by its inner rule count)."""
         if isinstance(item, (Lit, CharSet, Ref)):
             return self._render(item)
+        saved, self._depth = self._depth, 0
         key = self._render(item)
+        self._depth = saved
         name = self._helpers.get(key)
         if name is None:
             name = self.new_name("rep")
