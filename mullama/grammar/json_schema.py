@@ -66,6 +66,11 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
     if size > MAX_SCHEMA_BYTES:
         raise SchemaError(f"the schema is {size} bytes of JSON, over the limit of "
                           f"{MAX_SCHEMA_BYTES} bytes")
+    return build_grammar(schema).render()
+
+
+def build_grammar(schema: Mapping[str, Any] | bool) -> Grammar:
+    """The checked grammar as expressions (before rendering), for tools and tests."""
     return _Converter(schema).run()
 
 
@@ -77,10 +82,10 @@ class _Converter:
         self.json = JsonRules(self.g)
         self.refs: dict[str, Ref] = {}
 
-    def run(self) -> str:
+    def run(self) -> Grammar:
         self.g.define("root", self.schema(self.root, "", 0), origin="")
         self.g.check()
-        return self.g.render()
+        return self.g
 
     # ---------------------------------------------------------------- dispatch
 
@@ -96,6 +101,7 @@ class _Converter:
         for key in s:
             if key not in KNOWN:
                 raise SchemaError(f"unsupported keyword {key!r}", ptr)
+        sm.check_shapes(s, ptr)
         if "$ref" in s:
             return self.ref(s, ptr, depth)
         if "allOf" in s:

@@ -145,6 +145,8 @@ def _type_set(v: Any, ptr: str) -> set[str]:
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any], ptr: str) -> dict[str, Any]:
     """Both schemas at once, as one schema (what ``allOf`` means), where that is simple."""
+    check_shapes(a, ptr)
+    check_shapes(b, ptr)
     out = dict(a)
     for k, v in b.items():
         if k in ANNOTATIONS:
@@ -332,3 +334,49 @@ def check_one_of_disjoint(branches: list[Any], root: Any, ptr: str) -> None:
                                   "'oneOf' forbids; use 'anyOf', or make the branches distinct "
                                   "(different types, or a required property with different "
                                   "'const' values)", ptr)
+
+
+_SCHEMA = "a schema (object or boolean)"
+_SHAPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "properties": ((Mapping,), "an object of schemas"),
+    "$defs": ((Mapping,), "an object of schemas"),
+    "definitions": ((Mapping,), "an object of schemas"),
+    "required": ((list,), "a list of strings"),
+    "additionalProperties": ((bool, Mapping), _SCHEMA),
+    "additionalItems": ((bool, Mapping), _SCHEMA),
+    "items": ((bool, Mapping, list), "a schema or a list of schemas"),
+    "prefixItems": ((list,), "a list of schemas"),
+    "enum": ((list,), "a list"),
+    "anyOf": ((list,), "a non-empty list of schemas"),
+    "oneOf": ((list,), "a non-empty list of schemas"),
+    "allOf": ((list,), "a non-empty list of schemas"),
+    "$ref": ((str,), "a string"),
+    "pattern": ((str,), "a string"),
+    "format": ((str,), "a string"),
+    "type": ((str, list), "a type name or a list of them"),
+}
+
+
+def check_shapes(s: Mapping[str, Any], ptr: str) -> None:
+    """Refuse keyword values of the wrong JSON type before anything reads them."""
+    for key, (kinds, what) in _SHAPES.items():
+        if key not in s:
+            continue
+        v = s[key]
+        if not isinstance(v, kinds) or (key in ("anyOf", "oneOf", "allOf") and not v):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key in ("properties", "$defs", "definitions") and not all(
+                isinstance(x, (bool, Mapping)) for x in v.values()):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key == "required" and not all(isinstance(x, str) for x in v):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key in ("prefixItems", "anyOf", "oneOf", "allOf") or (key == "items" and isinstance(v, list)):
+            if not all(isinstance(x, (bool, Mapping)) for x in v):
+                raise SchemaError(f"{key!r} must be {what}", ptr)
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        v = s.get(key)
+        if v is not None and not isinstance(v, (int, float)) or (
+                isinstance(v, bool) and not key.startswith("exclusive")):
+            raise SchemaError(f"{key!r} must be a number", ptr)
+    for key in ("minLength", "maxLength", "minItems", "maxItems"):
+        count(s, key, ptr, None)
