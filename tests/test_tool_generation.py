@@ -87,10 +87,14 @@ def test_parallel_calls_are_bounded_by_the_choice(model):
     assert not accepts(model, single, two)
 
 
-def test_auto_grammar_compiles_lazily(model):
-    g = tool_call_grammar(TOOLS, "hermes", "auto")
-    assert g.triggers
-    model.compile_grammar(g.grammar, g.triggers)
+@pytest.mark.parametrize("fmt", SAMPLES)
+def test_auto_grammar_is_lazy_free_text_then_a_valid_call(model, fmt):
+    g = tool_call_grammar(TOOLS, fmt, "auto")
+    compiled = model.compile_grammar(g.grammar, g.triggers)
+    before = "" if fmt == "llama3" else "Let me check. "   # a Llama 3 call is the whole answer
+    assert accepts(model, compiled, "Just text, no call.")
+    assert accepts(model, compiled, before + SAMPLES[fmt])
+    assert not accepts(model, compiled, before + SAMPLES[fmt].replace('"celsius"', '"kelvin"'))
 
 
 @pytest.mark.parametrize("name,fmt,choice", FAMILIES)
