@@ -64,7 +64,7 @@ def test_the_generic_format_describes_tools_in_the_system_turn(model):
     assert model.tool_format() == "generic"
     assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}' in prompt
     assert "Current weather of a city" in prompt and "Call one of the tools now." in prompt
-    assert "sunny, 21 C" in prompt
+    assert "Result of get_weather: sunny, 21 C" in prompt
     plain = model.apply_chat_template(HISTORY, tools=[WEATHER], tool_choice="none")
     assert "Current weather of a city" not in plain and "sunny, 21 C" in plain
 

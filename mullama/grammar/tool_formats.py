@@ -106,6 +106,7 @@ def detect_tool_format(template: str | None) -> str:
 # ---------------------------------------------------------------- scanning model output
 
 _HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
+_SCALAR = re.compile(r"[^,}\]\s]+")
 _LLAMA_START = re.compile(r'\s*(?:<\|python_tag\|>)?\s*(?=\{\s*"(?:name|parameters|arguments)")')
 
 
@@ -119,7 +120,7 @@ def json_value_end(text: str, start: int) -> int | None:
         return None
     depth, in_string, escaped = 0, False, False
     if text[i] not in "{[\"":
-        m = re.compile(r"[^,}\]\s]+").match(text, i)  # a number, true, false, null
+        m = _SCALAR.match(text, i)  # a number, true, false, null
         return m.end() if m and m.end() < n else None
     while i < n:
         c = text[i]
@@ -164,13 +165,12 @@ def undecided_tail(text: str, fmt: ToolFormat) -> int:
         if not stripped or stripped.startswith("{") or tag.startswith(stripped[:len(tag)]):
             return len(text)
         return 0
-    opener = fmt.opener if fmt.name != "generic" else "{"
     if fmt.name == "generic":
         brace = text.rfind("{")
-        if brace >= 0 and re.fullmatch(r'\{\s*(?:"(?:t(?:o(?:o(?:l(?:_(?:c(?:a(?:l(?:l(?:s"?)?)?)?)?)?)?)?)?)?)?)?',
-                                       text[brace:]):
+        if brace >= 0 and '{"tool_calls"'.startswith("".join(text[brace:].split())):
             return len(text) - brace
         return 0
+    opener = fmt.opener
     for k in range(min(len(opener) - 1, len(text)), 0, -1):
         if text.endswith(opener[:k]):
             return k

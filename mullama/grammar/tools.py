@@ -364,9 +364,12 @@ def prepare_chat_messages(messages: Iterable[Mapping[str, Any]], tools: Sequence
     """
     fmt = _format(format)
     out: list[dict[str, Any]] = []
+    called: dict[Any, Any] = {}    # call id -> tool name, to label results in the generic format
     for msg in messages:
         msg = dict(msg)
         calls = msg.get("tool_calls")
+        for c in calls or ():
+            called[c.get("id")] = c.get("function", {}).get("name")
         if fmt.name == "generic":
             if calls:
                 listed = [{"name": c.get("function", {}).get("name"),
@@ -374,7 +377,7 @@ def prepare_chat_messages(messages: Iterable[Mapping[str, Any]], tools: Sequence
                 text = json.dumps({"tool_calls": listed}, ensure_ascii=False)
                 msg = {"role": "assistant", "content": ((msg.get("content") or "") + "\n" + text).lstrip()}
             elif msg.get("role") == "tool":
-                label = msg.get("name") or msg.get("tool_call_id") or "a tool"
+                label = msg.get("name") or called.get(msg.get("tool_call_id")) or "a tool"
                 msg = {"role": "user", "content": f"Result of {label}: {msg.get('content') or ''}"}
             msg.pop("tool_calls", None)
             out.append(msg)
