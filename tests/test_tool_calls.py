@@ -213,3 +213,18 @@ def test_whole_answer_has_tool_calls_and_finish_reason():
     assert choice["message"]["content"] == "Checking."
     [call] = choice["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+def test_tools_refuse_a_second_output_constraint():
+    from mullama import StreamConfig
+    from mullama.server.errors import ApiError
+    from mullama.server.tool_calls import ToolRequest
+    from mullama.grammar import tool_call_grammar
+
+    tools = validate_tools([WEATHER])
+    request = ToolRequest(tools, "required", False, "generic", tool_call_grammar(tools, "generic", "required"))
+    constrained = request.constrain(StreamConfig(max_tokens=8))
+    assert constrained.sampler.grammar_text == request.grammar.grammar
+    with pytest.raises(ApiError, match="another output constraint") as info:
+        request.constrain(StreamConfig(max_tokens=8, json_schema={"type": "object"}))
+    assert info.value.status == 400

@@ -32,6 +32,7 @@ from mullama.grammar.tools import (
     tool_call_grammar,
     validate_tools,
 )
+from mullama.params import SamplerParams
 from mullama.server.errors import ApiError
 from mullama.stream_config import StreamConfig
 from mullama.types import TokenData
@@ -108,11 +109,12 @@ class ToolRequest:
     def constrain(self, config: StreamConfig) -> StreamConfig:
         """``config`` with the call grammar on its sampler (lazy for ``"auto"``)."""
         sampler = config.sampler
-        if getattr(sampler, "grammar", None) or getattr(sampler, "json_schema", None):
+        if config.grammar is not None or config.json_schema is not None \
+                or (sampler is not None and sampler.grammar_text is not None):
             raise ApiError(400, "'tools' cannot be combined with another output constraint "
                                 "('response_format' or 'grammar')", param="tools")
         try:
-            return config.replace(sampler=sampler.replace(**self.grammar.sampler_kwargs()))
+            return config.replace(sampler=(sampler or SamplerParams()).replace(**self.grammar.sampler_kwargs()))
         except (TypeError, ValueError) as exc:
             raise ApiError(400, f"the tool grammar could not be used: {exc}", param="tools") from None
 
