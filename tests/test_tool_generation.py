@@ -119,9 +119,15 @@ def test_auto_leaves_the_model_free_and_any_call_it_makes_is_valid(model):
     grammar = tool_call_grammar(TOOLS, "generic", "auto")
     params = mullama.SamplerParams(temperature=0.0, **grammar.sampler_kwargs())
     with mullama.Context(model, n_ctx=1024) as ctx:
-        text = ctx.generate(prompt, max_tokens=96, params=params)
+        text = ctx.generate(prompt, max_tokens=40, params=params)
     result = parse_tool_calls(text, "generic")
     for call in result.tool_calls:
-        check_call(call)
+        assert call.name in ("get_weather", "get_time")
+        try:
+            arguments = call.parsed_arguments()
+        except ValueError:
+            assert call is result.tool_calls[-1]  # only the last call may be cut short by max_tokens
+            continue
+        jsonschema.validate(arguments, {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.name])
     if not result.tool_calls:
         assert result.content == text
