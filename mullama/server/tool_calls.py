@@ -98,8 +98,11 @@ class ToolRequest:
                 return None
             fmt = model.tool_format()
             grammar = tool_call_grammar(checked, fmt, mode, parallel)  # checks every schema
+            model.compile_grammar(grammar.grammar, grammar.triggers)   # llama.cpp's parser, before any work
         except ToolError as exc:
             raise ApiError(400, str(exc), param=exc.param) from None
+        except ValueError as exc:  # GrammarError: e.g. a grammar too large for the parser
+            raise ApiError(400, f"the tools' grammar cannot be used: {exc}", param="tools") from None
         return cls(checked, mode, parallel, fmt, grammar)
 
     def template_args(self) -> dict[str, Any]:
