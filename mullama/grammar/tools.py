@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mullama.errors import MullamaError
+from mullama.grammar.json_schema import json_schema_to_gbnf
 from mullama.grammar.tool_formats import FORMATS, WS_RULE, ToolFormat, calls_start, detect_tool_format, scan_calls
 
 __all__ = ["ToolError", "ToolCall", "ChatResult", "ToolGrammar", "validate_tools", "tool_call_grammar",
@@ -195,8 +196,6 @@ def prefix_rules(gbnf: str, prefix: str) -> str:
 
 def _arguments_grammar(tool: Mapping[str, Any], index: int) -> tuple[str, str]:
     """(GBNF of the tool's arguments with prefixed rules, the name of its start rule)."""
-    from mullama.grammar.json_schema import json_schema_to_gbnf
-
     fn = tool["function"]
     try:
         gbnf = json_schema_to_gbnf(fn["parameters"])
