@@ -92,7 +92,8 @@ class ToolGrammar:
 
 def validate_tools(tools: Any) -> list[dict[str, Any]]:
     """``tools`` checked and normalised to OpenAI function tools (``parameters`` defaults to an
-    object with no properties). Raises :class:`ToolError` naming the bad tool."""
+    object with no properties; a bare function mapping is wrapped). Raises :class:`ToolError`
+    naming the bad tool."""
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
         raise ToolError("'tools' must be a list of function tools")
     if len(tools) > MAX_TOOLS:
@@ -102,7 +103,8 @@ def validate_tools(tools: Any) -> list[dict[str, Any]]:
         where = f"tools[{i}]"
         if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
             raise ToolError(f"{where} must be an object with \"type\": \"function\"")
-        fn = tool.get("function")
+        # a bare function ({"name", "description", "parameters"}), as Hugging Face also takes it
+        fn = tool.get("function") if "function" in tool or "name" not in tool else tool
         if not isinstance(fn, Mapping):
             raise ToolError(f"{where}.function must be an object")
         name = fn.get("name")
