@@ -67,7 +67,7 @@ def _completion_prompt(fields: Fields, n_vocab: int) -> str | list[int]:
                    param="prompt")
 
 
-def _messages(fields: Fields) -> list[dict[str, str]]:
+def _messages(fields: Fields) -> list[dict[str, Any]]:
     value = fields.body.get("messages")
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
