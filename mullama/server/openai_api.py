@@ -22,8 +22,8 @@ from mullama.errors import MullamaError
 from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
 from mullama.server.service import Choices, Service
-from mullama.server.tool_calls import ToolRequest, tool_message_fields
 from mullama.server.tutorial_api import SSE_HEADERS
+from mullama.server.tool_calls import ToolRequest, tool_message_fields
 from mullama.types import TokenData
 
 __all__ = ["completions", "chat_completions", "list_models"]
@@ -353,6 +353,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         fields = Fields(await read_json(request, service.settings.max_body_bytes), service.settings)
         messages = _messages(fields)
+        tools = ToolRequest.from_body(fields.body, service.model.model)
         n = _n(fields, service)
         want_lp = fields.boolean("logprobs")
         n_top = fields.integer("top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
@@ -363,9 +364,6 @@ async def chat_completions(request: Request) -> Response:
         max_tokens = fields.max_tokens("max_completion_tokens", "max_tokens")
         config = fields.stream_config(temperature=1.0, max_tokens=max_tokens, logprobs=want_lp,
                                       top_logprobs=n_top or 0)
-        tools = ToolRequest.from_body(fields.body, service.model.model)
-        if tools is not None:
-            config = tools.constrain(config)
         try:
             prompt = service.model.model.apply_chat_template(messages, add_generation_prompt=True,
                                                              **(tools.template_args() if tools else {}))
@@ -374,7 +372,7 @@ async def chat_completions(request: Request) -> Response:
                            param="messages") from None
         shape = _ChatShape(service, n, want_lp)
         if tools is not None:
-            shape = tools.shape(shape)
+            config, shape = tools.constrain(config), tools.shape(shape)
         choices = await service.start_choices(prompt, config, shape.endpoint, n)
     except ApiError as err:
         return error_response(err)
