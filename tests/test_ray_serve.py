@@ -57,7 +57,8 @@ class RayServer:
             start_new_session=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         self.port = 0
         self.stopped = False
         deadline = time.monotonic() + START_TIMEOUT
@@ -126,6 +127,9 @@ class RayServer:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+            self.reader.join(10)
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
