@@ -64,7 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id,
                               max_tokens_cap=args.max_tokens_cap,
                               default_max_tokens=min(256, args.max_tokens_cap), max_body_bytes=args.max_body)
-    if args.replicas is not None or args.max_replicas is not None:
+    ray_flags = (args.replicas, args.ray_address, args.ray_cpus, args.replica_cpus, args.min_replicas,
+                 args.max_replicas, args.target_ongoing_requests)
+    if any(flag is not None for flag in ray_flags):
         from mullama.cli_serve_ray import serve_replicas
 
         return serve_replicas(args, path, model_id, settings)

@@ -54,6 +54,8 @@ def serve_replicas(args: argparse.Namespace, path: Path, model_id: str, settings
 
     try:
         autoscaling = autoscaling_from_args(args)
+        if args.replicas is None and autoscaling is None:
+            raise ValueError("the Ray Serve options need --replicas N (or --max-replicas N)")
         if args.replicas is not None and args.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
         if args.ray_cpus is not None and args.ray_cpus < 1:
@@ -98,7 +100,11 @@ def serve_replicas(args: argparse.Namespace, path: Path, model_id: str, settings
         app = ray_serve.build_app(config, num_replicas=args.replicas or 1, autoscaling_config=autoscaling,
                                   ray_actor_options={"num_cpus": replica_cpus if replica_cpus is not None else 1},
                                   logging_config={"enable_access_log": bool(args.access_log)})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # noqa: BLE001 - Ray's own kinds; the replicas' logs hold the details
+            print(f"mullama: error: the replicas did not start: {exc}", file=sys.stderr, flush=True)
+            return 1
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host

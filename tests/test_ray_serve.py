@@ -204,11 +204,17 @@ def test_autoscaling_flags():
         autoscaling_from_args(ns(replicas=5, max_replicas=4))
 
 
-def test_bad_flags_fail_before_ray_starts(model_path):
-    proc = subprocess.run([sys.executable, "-m", "mullama", "serve", "--replicas", "0", "--model", model_path],
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "0"], "--replicas must be at least 1"),
+    (["--ray-address", "auto"], "need --replicas N"),
+    (["--min-replicas", "1"], "autoscaling needs --max-replicas"),
+    (["--replicas", "1", "--ray-address", "auto", "--ray-cpus", "2"], "--ray-cpus applies to a Ray started here"),
+])
+def test_bad_flags_fail_before_ray_starts(model_path, flags, message):
+    proc = subprocess.run([sys.executable, "-m", "mullama", "serve", *flags, "--model", model_path],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                           cwd=TESTS, timeout=60)
-    assert proc.returncode == 2 and "--replicas must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------ one replica (runs by default)
