@@ -190,7 +190,8 @@ def main() -> int:
     print(f"{args.streams} concurrent streams x {args.tokens} tokens, {args.rounds} rounds, "
           f"{args.threads} threads, load {load:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'':24}{'TTFT median':>14}{'aggregate tok/s':>18}")
-    for name, label in (("direct", "mullama serve"), ("ray1", "Ray Serve, 1 replica"), ("ray2", "Ray Serve, 2 replicas")):
+    labels = (("direct", "mullama serve"), ("ray1", "Ray Serve, 1 replica"), ("ray2", "Ray Serve, 2 replicas"))
+    for name, label in labels:
         print(f"{label:24}{med(name, 'ttft_median') * 1000:>11.0f} ms{med(name, 'tok_s'):>18.1f}")
     print(f"TTFT ratio Ray/direct: {ttft_ratio:.3f} (paired {paired_ttft:.3f}; goal <= 1.15)")
     print(f"tok/s ratio Ray/direct: {tps_ratio:.3f} (paired {paired_tps:.3f}; goal >= 0.9)")
