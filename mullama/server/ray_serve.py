@@ -94,10 +94,10 @@ class ReplicaConfig:
 def max_ongoing_requests(config: ReplicaConfig) -> int:
     """Requests Serve sends one replica at once: its slots plus its queue.
 
-    Past that, requests wait in Serve's router, which hands each to the first
-    replica with room, rather than in one replica's queue while another idles.
-    A few more than that let ``/health`` and ``/metrics`` through when every
-    slot and queue place is taken.
+    Past that, requests wait in Serve's router, which hands each to a replica
+    with room, rather than in one replica's queue while another idles. Two
+    more let ``/health`` and ``/metrics`` through when every slot and queue
+    place is taken.
     """
     return config.n_parallel + config.max_queue + 2
 
