@@ -250,6 +250,21 @@ def test_same_api_through_the_replica(one_replica):
 
 
 @pytest.mark.timeout(120)
+def test_websocket_through_the_replica(one_replica, model):
+    from websockets.sync.client import connect
+
+    prompt = "The capital of France is"
+    with connect(f"ws://127.0.0.1:{one_replica.port}/ws", open_timeout=30) as ws:
+        ws.send(json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}))
+        parts = []
+        while (msg := json.loads(ws.recv(timeout=60)))["type"] == "token":
+            parts.append(msg["content"])
+    assert msg["type"] == "done" and msg["tokens"] == 6
+    with mullama.Context(model, n_ctx=512) as ctx:  # the replica runs the same engine on the same model
+        assert "".join(parts) == ctx.generate(prompt, max_tokens=6, params=mullama.SamplerParams(temperature=0))
+
+
+@pytest.mark.timeout(120)
 def test_tokens_stream_and_a_disconnect_cancels_in_the_replica(one_replica):
     before = _wait_idle(one_replica)
     body = json.dumps({"prompt": PROMPT, "max_tokens": 400, "temperature": 0}).encode()
