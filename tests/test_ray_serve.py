@@ -9,6 +9,7 @@ sure none is left when the server stops. The 2-replica tests are ``slow``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import http.client
 import json
 import os
@@ -42,6 +43,11 @@ START_TIMEOUT = 300.0
 PROMPT = "Count from one to one hundred, separated by commas:"
 
 
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM (a clean stop of Ray) when the test process dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class RayServer:
     """``mullama serve --replicas N`` in a child process, with its own Ray temp dir as the mark."""
 
@@ -54,7 +60,7 @@ class RayServer:
              "--port", "0", "--parallel", "2", "--n-ctx", "512", "--threads", "1", "--model", model_path,
              "--model-id", "tiny"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=TESTS,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_stop_with_parent)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
