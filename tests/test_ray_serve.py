@@ -35,7 +35,8 @@ from live_server import read_events  # noqa: E402
 import mullama  # noqa: E402
 from mullama.cli_serve_ray import autoscaling_from_args  # noqa: E402
 from mullama.server import ServerSettings  # noqa: E402
-from mullama.server.ray_serve import REPLICA_HEADER, ReplicaConfig, build_app, max_ongoing_requests  # noqa: E402
+from mullama.server.ray_serve import (  # noqa: E402
+    REPLICA_HEADER, MullamaReplica, ReplicaConfig, build_app, max_ongoing_requests)
 
 ROOT = Path(mullama.__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -194,6 +195,25 @@ def test_deployment_options_follow_the_replica():
     scaling = auto._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 3)
     assert auto.ray_actor_options["num_cpus"] == 0.5
+
+
+def test_replica_outside_ray_serves_the_app_and_closes(model_path):
+    from starlette.testclient import TestClient
+
+    replica = MullamaReplica(ReplicaConfig(model_path, n_ctx=128, n_parallel=1, n_threads=1,
+                                           settings=ServerSettings(api_key="k")))
+    try:
+        replica.check_health()
+        with TestClient(replica.__serve_build_asgi_app__()) as client:
+            resp = client.get("/health")
+            assert resp.status_code == 200 and resp.json()["slots"] == 1
+            assert resp.headers[REPLICA_HEADER] == "local"
+            assert client.get("/v1/models").status_code == 401  # the same app: the API key holds
+    finally:
+        replica.__del__()
+    assert replica.model.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        replica.check_health()
 
 
 def test_autoscaling_flags():

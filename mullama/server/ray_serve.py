@@ -143,6 +143,8 @@ def _keep_internal_grpc_on_loopback() -> None:
     import ray
     from ray.serve._private import replica as serve_replica
 
+    if not ray.is_initialized():  # not in a Ray worker: nothing to bind, and no address to look up
+        return
     try:
         node_ip = ray.util.get_node_ip_address()
         loopback = ipaddress.ip_address(node_ip).is_loopback
@@ -180,13 +182,14 @@ class MullamaReplica:
 
     def __serve_build_asgi_app__(self) -> "ASGIApp":
         from ray import serve
+        from ray.serve.exceptions import RayServeException
 
         from mullama.server.app import create_app
 
         app = create_app(self.model, self.config.settings)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
-        except (RuntimeError, AttributeError):  # built outside a replica (e.g. in a test)
+        except RayServeException:  # built outside a replica (e.g. in a test)
             replica = "local"
         app.add_middleware(ReplicaHeaderMiddleware, replica=replica)
         return app
