@@ -10,8 +10,8 @@ generator should produce, the grammar produces a subset:
   or not, and extra properties (``additionalProperties`` true or a schema) come
   after them, with keys spelled without escapes;
 * whitespace between tokens is bounded (see ``primitives``), numbers have at
-  most 16 integer and 20 fraction digits, and ``enum``/``const`` values are
-  written in compact form.
+  most 16 integer and 20 fraction digits (bounded ``number``s no exponent), and
+  ``enum``/``const`` values are written in compact form.
 
 A keyword that constrains instances and is not supported raises
 ``SchemaError`` (a ``ValueError``) naming it and its JSON pointer; nothing that
@@ -27,7 +27,7 @@ from typing import Any
 from . import schema_merge as sm
 from .formats import FORMATS, format_expr
 from .gbnf import EMPTY, CharSet, Expr, Grammar, Lit, Ref, SchemaError, alt, opt, rep, seq
-from .numbers import integer_range
+from .numbers import integer_range, number_range
 from .primitives import SAFE, JsonRules
 from .regex import pattern_expr
 from .schema_merge import ANNOTATIONS, KNOWN, TYPES, resolve_ref
@@ -202,16 +202,25 @@ class _Converter:
         return self.json.null
 
     def numeric(self, t: str, s: Mapping[str, Any], ptr: str) -> Expr:
+        if t == "number":
+            return self.number(s, ptr)
         lo, hi = sm.integer_bounds(s, ptr)
         if lo is None and hi is None:
-            return self.json.integer if t == "integer" else self.json.number
-        if t == "number":
-            word = next(k for k in _NUMBER_KW if k in s)
-            raise SchemaError(f"{word!r} on a 'number' is not supported (bounds are exact only "
-                              "for 'integer')", ptr)
+            return self.json.integer
         if lo is not None and hi is not None and lo > hi:
             raise SchemaError(f"the integer bounds leave no value (minimum {lo} > maximum {hi})", ptr)
         return integer_range(lo, hi)
+
+    def number(self, s: Mapping[str, Any], ptr: str) -> Expr:
+        lo, hi = sm.number_bounds(s, ptr)
+        if lo is None and hi is None:
+            return self.json.number
+        if lo is not None and hi is not None and lo[0] > hi[0]:
+            raise SchemaError(f"the number bounds leave no value ({lo[0]} > {hi[0]})", ptr)
+        expr = number_range(lo, hi)
+        if expr is None:
+            raise SchemaError("the number bounds leave no value", ptr)
+        return expr
 
     def string(self, s: Mapping[str, Any], ptr: str) -> Expr:
         quote = Lit('"')
