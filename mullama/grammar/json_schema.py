@@ -362,7 +362,8 @@ class _Converter:
         return alt(seq(Lit("{"), ws, Lit("}")), full) if all_optional else full
 
     def _other_key(self, names: list[str]) -> Expr:
-        """A quoted key spelled without escapes that is none of ``names``."""
+        """A quoted key spelled without escapes that is none of ``names``: one rule per
+        node of the names' trie (built without recursion, names may be long)."""
         trie: dict = {}
         for n in names:
             node = trie
@@ -370,20 +371,20 @@ class _Converter:
                 node = node.setdefault(ch, {})
             node[""] = {}
         free = rep(self.json.chars(SAFE), 0, None)
-        return seq(Lit('"'), self._not_in(trie, free, "key"), Lit('"'))
-
-    def _not_in(self, node: dict, free: Expr, hint: str) -> Expr:
-        children = [c for c in node if c]
-        options: list[Expr] = []
-        if "" not in node:
-            options.append(EMPTY)
-        for c in children:
-            if SAFE.contains(ord(c)):
-                options.append(seq(Lit(c), self._not_in(node[c], free, hint)))
-        other = CharSet.of([(ord(c), ord(c)) for c in children]).complement().intersect(SAFE)
-        if other.ranges:
-            options.append(seq(other, free))
-        return self.g.add(hint, alt(*options))
+        refs: dict[int, Ref] = {}
+        nodes = [trie]
+        for node in nodes:  # grows while iterating: a breadth-first walk
+            refs[id(node)] = Ref(self.g.new_name("key"))
+            nodes.extend(child for c, child in node.items() if c and SAFE.contains(ord(c)))
+        for node in nodes:
+            children = [c for c in node if c and SAFE.contains(ord(c))]
+            options: list[Expr] = [] if "" in node else [EMPTY]
+            options += [seq(Lit(c), refs[id(node[c])]) for c in children]
+            other = CharSet.of([(ord(c), ord(c)) for c in children]).complement().intersect(SAFE)
+            if other.ranges:
+                options.append(seq(other, free))
+            self.g.define(refs[id(node)].name, alt(*options))
+        return seq(Lit('"'), refs[id(trie)], Lit('"'))
 
 
 def _same_json(a: Any, b: Any) -> bool:
