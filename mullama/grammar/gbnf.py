@@ -361,20 +361,20 @@ class Grammar:
         # Large counts: x{lo} = block{q} x{r}, block = x{k}; x{0,t} split likewise.
         k = _DIRECT_REPEAT
         block = self._symbol(Rep(Ref(sym), k, k))
-        parts: list[Expr] = []
-        q, rem = divmod(lo, k)
-        parts += [Rep(Ref(block), q, q), Rep(Ref(sym), rem, rem)]
+        b, x = Ref(block), Ref(sym)
+        q, r = divmod(lo, k)
+        parts: list[Expr] = [rep(b, q, q), rep(x, r, r)]
         if hi is None:
-            parts.append(Rep(Ref(sym), 0, None))
+            parts.append(rep(x, 0, None))
         elif hi > lo:
             t = hi - lo
             if t <= k:
-                parts.append(Rep(Ref(sym), 0, t))
+                parts.append(rep(x, 0, t))
             else:
                 q2, r2 = divmod(t, k)
-                parts.append(alt(seq(Rep(Ref(block), 0, q2 - 1), Rep(Ref(sym), 0, k - 1)),
-                                 seq(Rep(Ref(block), q2, q2), Rep(Ref(sym), 0, r2))))
-        kept = [p for p in parts if not (isinstance(p, Rep) and p.max == 0)]
+                parts.append(alt(seq(rep(b, 0, q2 - 1), rep(x, 0, k - 1)),
+                                 seq(rep(b, q2, q2), rep(x, 0, r2))))
+        kept = [p for p in parts if p != EMPTY]
         return " ".join(self._render_atom(p) for p in kept) or '""'
 
 

@@ -41,10 +41,6 @@ MAX_PROPERTIES = 1000
 #: Any JSON object: what OpenAI's ``response_format={"type": "json_object"}`` asks for.
 JSON_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object", "additionalProperties": True}
 
-_OBJECT_KW = ("properties", "required", "additionalProperties")
-_ARRAY_KW = ("items", "prefixItems", "additionalItems", "minItems", "maxItems")
-_STRING_KW = ("minLength", "maxLength", "pattern", "format")
-_NUMBER_KW = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:

@@ -14,7 +14,7 @@ limits. Characters outside the Basic Multilingual Plane are written raw.
 
 from __future__ import annotations
 
-from .gbnf import EMPTY, Alt, CharSet, Expr, Grammar, Lit, Ref, alt, opt, rep, seq
+from .gbnf import CharSet, Expr, Grammar, Lit, Ref, alt, opt, rep, seq
 
 __all__ = ["JsonRules", "MAX_INDENT", "MAX_INT_DIGITS", "MAX_FRACTION_DIGITS"]
 
@@ -157,11 +157,3 @@ class JsonRules:
         if not parts:
             return CharSet(())
         return alt(*parts)
-
-    @staticmethod
-    def literal(json_text: str) -> Expr:
-        return Lit(json_text) if json_text else EMPTY
-
-
-def is_alt(expr: Expr) -> bool:
-    return isinstance(expr, Alt)
