@@ -135,6 +135,38 @@ def test_oversized_schema_is_refused() -> None:
         json_schema_to_gbnf(schema)
 
 
+def test_shared_subschemas_are_measured_as_text() -> None:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(60):  # each level holds the one below twice: 2**60 copies as JSON text
+        schema = {"type": "object", "properties": {"a": schema, "b": schema}}
+    with pytest.raises(SchemaError, match="over the limit of 262144 bytes"):
+        json_schema_to_gbnf(schema)
+
+
+def test_nested_containers_grow_linearly(model) -> None:
+    def nested(depth: int) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "integer"}
+        for i in range(depth):
+            s = ({"type": "object", "properties": {"a": s, "b": {"type": "string"}}, "required": ["a"]}
+                 if i % 2 else {"type": "array", "items": s, "maxItems": 3})
+        return s
+
+    g20, g40 = json_schema_to_gbnf(nested(20)), json_schema_to_gbnf(nested(40))
+    assert len(g40) < 2.5 * len(g20)
+    value: Any = 1
+    for i in range(40):
+        value = {"a": value} if i % 2 else [value]
+    assert model.compile_grammar(g40).accepts(model.tokenize(json.dumps(value), add_special=False))
+
+
+def test_branch_copies_are_capped() -> None:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(30):  # each anyOf branch carries a copy of the sibling 'properties'
+        schema = {"type": "object", "properties": {"x": schema}, "anyOf": [{"required": ["x"]}, {}, {}]}
+    with pytest.raises(SchemaError, match="expands to more than"):
+        json_schema_to_gbnf(schema)
+
+
 def test_deep_nesting_is_refused() -> None:
     schema: dict[str, Any] = {"type": "array"}
     for _ in range(200):

@@ -37,6 +37,7 @@ __all__ = ["json_schema_to_gbnf", "JSON_OBJECT_SCHEMA", "MAX_SCHEMA_BYTES", "MAX
 MAX_SCHEMA_BYTES = 256 * 1024
 MAX_SCHEMA_DEPTH = 64
 MAX_PROPERTIES = 1000
+MAX_WORK = 20_000
 
 #: Any JSON object: what OpenAI's ``response_format={"type": "json_object"}`` asks for.
 JSON_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object", "additionalProperties": True}
@@ -55,6 +56,8 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
         pass
     elif not isinstance(schema, Mapping):
         raise SchemaError(f"a JSON Schema must be an object or a boolean, not {type(schema).__name__}")
+    if _rough_size(schema, MAX_SCHEMA_BYTES) > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"the schema is over the limit of {MAX_SCHEMA_BYTES} bytes of JSON text")
     try:
         size = len(json.dumps(schema, allow_nan=False).encode())
     except (TypeError, ValueError, RecursionError) as exc:
@@ -63,6 +66,29 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
         raise SchemaError(f"the schema is {size} bytes of JSON, over the limit of "
                           f"{MAX_SCHEMA_BYTES} bytes")
     return build_grammar(schema).render()
+
+
+def _rough_size(value: Any, limit: int) -> int:
+    """A lower estimate of the JSON text size that stops once past ``limit``, so a
+    Python structure that shares sub-objects (small in memory, huge as text) is
+    refused without being serialized."""
+    total = 0
+    stack = [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            total += 2 + 2 * len(v)
+            for k, x in v.items():
+                total += len(k) + 2 if isinstance(k, str) else 4
+                stack.append(x)
+        elif isinstance(v, (list, tuple)):
+            total += 2 + len(v)
+            stack.extend(v)
+        elif isinstance(v, str):
+            total += len(v) + 2
+        else:
+            total += 4
+    return total
 
 
 def build_grammar(schema: Mapping[str, Any] | bool) -> Grammar:
@@ -77,6 +103,7 @@ class _Converter:
         self.g.new_name("root")
         self.json = JsonRules(self.g)
         self.refs: dict[str, Ref] = {}
+        self.work = 0
 
     def run(self) -> Grammar:
         self.g.define("root", self.schema(self.root, "", 0), origin="")
@@ -88,6 +115,10 @@ class _Converter:
     def schema(self, s: Any, ptr: str, depth: int) -> Expr:
         if depth > MAX_SCHEMA_DEPTH:
             raise SchemaError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels", ptr)
+        self.work += 1
+        if self.work > MAX_WORK:
+            raise SchemaError(f"the schema expands to more than {MAX_WORK} subschemas (combining "
+                              "keywords copy their siblings into every branch); simplify it", ptr)
         if s is True:
             return self.json.value
         if s is False:
@@ -110,6 +141,14 @@ class _Converter:
         if "type" not in s and len(types) == len(TYPES):
             return self.json.value
         return alt(*(self.typed(t, s, ptr, depth) for t in types))
+
+    def named(self, hint: str, expr: Expr, ptr: str) -> Expr:
+        """``expr`` as a rule of its own unless it is a single symbol: a part used in
+        two places is then written once (nested arrays/objects would otherwise
+        double the grammar at every level)."""
+        if isinstance(expr, (Ref, Lit, CharSet)):
+            return expr
+        return self.g.add(hint, expr, ptr)
 
     def ref(self, s: Mapping[str, Any], ptr: str, depth: int) -> Expr:
         target_ptr, target = resolve_ref(s["$ref"], self.root, ptr)
@@ -263,12 +302,14 @@ class _Converter:
         rest_schema = s.get(rest_key, None if prefix else True)
         rest: Expr | None = None
         if rest_schema is not None and rest_schema is not False:
-            rest = self.schema(rest_schema, f"{ptr}/{rest_key}", depth + 1)
+            rest = self.named("item", self.schema(rest_schema, f"{ptr}/{rest_key}", depth + 1),
+                              f"{ptr}/{rest_key}")
         if hi is not None:
             prefix = prefix[:hi]
         elems: list[Expr | None] = []
         for i, p in enumerate(prefix):
-            elems.append(None if p is False else self.schema(p, f"{ptr}/{prefix_key}/{i}", depth + 1))
+            eptr = f"{ptr}/{prefix_key}/{i}"
+            elems.append(None if p is False else self.named("item", self.schema(p, eptr, depth + 1), eptr))
         # A prefix item with schema false ends the array before it.
         if None in elems:
             elems = elems[:elems.index(None)]
@@ -331,7 +372,7 @@ class _Converter:
                     raise SchemaError(f"required property {name!r} has the schema false", pptr)
                 continue
             key = Lit(json.dumps(name, ensure_ascii=False))
-            value = self.schema(pschema, pptr, depth + 1)
+            value = self.named(name, self.schema(pschema, pptr, depth + 1), pptr)
             members.append((seq(key, ws, Lit(":"), ws, value), name in required))
         extra: Expr | None = None
         if extra_schema is not None and extra_schema is not False:
