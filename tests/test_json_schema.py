@@ -107,6 +107,7 @@ ERRORS = [
       "additionalProperties": False}, "required property 'b' is forbidden"),
     ({"type": "object", "properties": {"a": False}, "required": ["a"]}, "schema false"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "'oneOf' branches 0 and 1"),
+    ({"anyOf": [{"type": "integer"}], "oneOf": [{"type": "integer"}]}, "'anyOf' and 'oneOf' in the same"),
     ({"oneOf": [{"type": "object", "properties": {"a": {}}}, {"type": "object"}]}, "'oneOf' branches"),
     ({"allOf": [{"type": "string", "pattern": "a"}, {"pattern": "b"}]}, "'pattern' appears in several"),
     ({"allOf": [{"type": "object", "properties": {"a": {}}, "additionalProperties": False},

@@ -164,10 +164,8 @@ class _Converter:
 
     def union(self, s: Mapping[str, Any], ptr: str, depth: int) -> Expr:
         if "anyOf" in s and "oneOf" in s:
-            return self.schema(sm.merge_all_of({"allOf": [{"anyOf": s["anyOf"]}, {"oneOf": s["oneOf"]}],
-                                                **{k: v for k, v in s.items()
-                                                   if k not in ("anyOf", "oneOf")}},
-                                               self.root, ptr), ptr, depth + 1)
+            raise SchemaError("'anyOf' and 'oneOf' in the same schema (or combined through "
+                              "'allOf') are not supported", ptr)
         key = "anyOf" if "anyOf" in s else "oneOf"
         branches = s[key]
         if not isinstance(branches, list) or not branches:
