@@ -178,6 +178,15 @@ class AsyncModel:
                 "reused_tokens": sum(s["reused_tokens"] for s in stats),
                 "cached_tokens": [e.n_cached(i) for e in engines for i in range(e.n_slots)]}
 
+    def grammar_stats(self) -> dict[str, int]:
+        """Constrained generation so far: ``tokens`` chosen under a grammar, ``rejected``
+        (the stream's first choice broke the grammar and was replaced) and ``full_passes``
+        (of those, the ones that needed the grammar over the whole vocabulary)."""
+        engines = [self._engine] if self._engine is not None else [c._engine for c in self._contexts
+                                                                    if not c.closed]
+        stats = [e.grammar_stats for e in engines]
+        return {k: sum(s[k] for s in stats) for k in ("tokens", "rejected", "full_passes")}
+
     def clear_cache(self) -> None:
         """Free the cells idle slots keep for the prefix cache (running streams keep theirs).
         Blocks for at most one decode step."""
@@ -320,11 +329,13 @@ class AsyncModel:
             ids = self._ids(prompt, state)
             if config.max_tokens == 0:
                 return TokenStream(config, None, lambda: self._release(ctx, None), int(ids.size))
-            sampler = config.sampler_params().native(self._model.n_vocab, ctx.seed)
+            params = config.sampler_params()
+            sampler = params.native(self._model.n_vocab, ctx.seed)
+            grammar = self._model.grammar_for(params)
             with ctx._lock:
                 ctx._begin_generation()
                 request = ctx._request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                                       config.top_logprobs, config.buffer_size, state=state)
+                                       config.top_logprobs, config.buffer_size, state=state, grammar=grammar)
             producer = _Job(request, ctx, prompt=ids, seed=ctx.seed)
             self._live.add(producer)
             producer.start()
