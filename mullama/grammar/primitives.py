@@ -21,7 +21,7 @@ __all__ = ["JsonRules", "MAX_INDENT", "MAX_INT_DIGITS", "MAX_FRACTION_DIGITS"]
 MAX_INDENT = 20
 MAX_INT_DIGITS = 16
 MAX_FRACTION_DIGITS = 20
-MAX_EXPONENT_DIGITS = 3
+MAX_EXPONENT_DIGITS = 2  # keeps every number finite as a double (at most ~1e115)
 
 DIGIT = CharSet(((0x30, 0x39),))
 NONZERO = CharSet(((0x31, 0x39),))
