@@ -20,6 +20,7 @@ constrains is ever ignored. Pure annotations are ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -415,11 +416,17 @@ class _Converter:
             children = [c for c in node if c and SAFE.contains(ord(c))]
             options: list[Expr] = [] if "" in node else [EMPTY]
             options += [seq(Lit(c), refs[id(node[c])]) for c in children]
-            other = CharSet.of([(ord(c), ord(c)) for c in children]).complement().intersect(SAFE)
+            other = _others(frozenset(children))
             if other.ranges:
                 options.append(seq(other, free))
             self.g.define(refs[id(node)].name, alt(*options))
         return seq(Lit('"'), refs[id(trie)], Lit('"'))
+
+
+@functools.lru_cache(maxsize=256)
+def _others(used: frozenset[str]) -> CharSet:
+    """Unescaped key characters other than ``used``."""
+    return CharSet.of([(ord(c), ord(c)) for c in used]).complement().intersect(SAFE)
 
 
 def _same_json(a: Any, b: Any) -> bool:
