@@ -21,6 +21,7 @@ the parser silently turns a maximum above 2000 into "unbounded".
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Union
@@ -52,6 +53,7 @@ _DIRECT_REPEAT = 400
 MAX_REPEAT = _DIRECT_REPEAT * _DIRECT_REPEAT
 # Deeper inline groups become rules of their own (the engine caps nesting).
 _MAX_INLINE_DEPTH = 24
+MAX_RULES = 20_000
 # The engine refuses grammar text above 1 MiB.
 MAX_GRAMMAR_BYTES = 1 << 20
 # Cap on the grammar after llama.cpp's expansion of repetitions (elements + generated rules).
@@ -200,16 +202,21 @@ class Grammar:
     origins: dict[str, str] = field(default_factory=dict)
     max_units: int = DEFAULT_MAX_GRAMMAR_UNITS
     _helpers: dict[str, str] = field(default_factory=dict)
+    _next_suffix: dict[str, int] = field(default_factory=dict)
     _units: int = 0
     _depth: int = 0
 
     def new_name(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9]+", "-", hint).strip("-").lower() or "r"
         base = base[:40].rstrip("-") or "r"
-        name, i = base, 1
+        if len(self.rules) >= MAX_RULES:
+            raise SchemaError(f"the generated grammar is too large (over {MAX_RULES} rules); "
+                              "simplify the schema")
+        name, i = base, self._next_suffix.get(base, 1)
         while name in self.rules:
             i += 1
             name = f"{base}-{i}"
+        self._next_suffix[base] = i
         self.rules[name] = EMPTY  # reserve
         return name
 
@@ -260,14 +267,19 @@ class Grammar:
                     stack.append((nxt, iter(graph[nxt])))
 
     def _fixpoint(self, test) -> set[str]:
+        """The least set of rules for which ``test`` holds, re-testing a rule only when a
+        rule it refers to joins the set (linear in the grammar, whatever the order)."""
+        users: dict[str, set[str]] = {n: set() for n in self.rules}
+        for name, expr in self.rules.items():
+            for ref in _refs(expr):
+                users.setdefault(ref, set()).add(name)
         known: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for name, expr in self.rules.items():
-                if name not in known and test(expr, known):
-                    known.add(name)
-                    changed = True
+        queue = list(self.rules)
+        while queue:
+            name = queue.pop()
+            if name not in known and test(self.rules[name], known):
+                known.add(name)
+                queue.extend(u for u in users.get(name, ()) if u not in known)
         return known
 
     # ------------------------------------------------------------------ output
@@ -361,20 +373,20 @@ class Grammar:
         # Large counts: x{lo} = block{q} x{r}, block = x{k}; x{0,t} split likewise.
         k = _DIRECT_REPEAT
         block = self._symbol(Rep(Ref(sym), k, k))
-        parts: list[Expr] = []
-        q, rem = divmod(lo, k)
-        parts += [Rep(Ref(block), q, q), Rep(Ref(sym), rem, rem)]
+        b, x = Ref(block), Ref(sym)
+        q, r = divmod(lo, k)
+        parts: list[Expr] = [rep(b, q, q), rep(x, r, r)]
         if hi is None:
-            parts.append(Rep(Ref(sym), 0, None))
+            parts.append(rep(x, 0, None))
         elif hi > lo:
             t = hi - lo
             if t <= k:
-                parts.append(Rep(Ref(sym), 0, t))
+                parts.append(rep(x, 0, t))
             else:
                 q2, r2 = divmod(t, k)
-                parts.append(alt(seq(Rep(Ref(block), 0, q2 - 1), Rep(Ref(sym), 0, k - 1)),
-                                 seq(Rep(Ref(block), q2, q2), Rep(Ref(sym), 0, r2))))
-        kept = [p for p in parts if not (isinstance(p, Rep) and p.max == 0)]
+                parts.append(alt(seq(rep(b, 0, q2 - 1), rep(x, 0, k - 1)),
+                                 seq(rep(b, q2, q2), rep(x, 0, r2))))
+        kept = [p for p in parts if p != EMPTY]
         return " ".join(self._render_atom(p) for p in kept) or '""'
 
 
@@ -425,6 +437,18 @@ def _first_refs(expr: Expr, nullable: set[str]) -> set[str]:
     return set()
 
 
+def _refs(expr: Expr) -> set[str]:
+    if isinstance(expr, Ref):
+        return {expr.name}
+    if isinstance(expr, Seq):
+        return set().union(*(_refs(i) for i in expr.items))
+    if isinstance(expr, Alt):
+        return set().union(*(_refs(o) for o in expr.options))
+    if isinstance(expr, Rep):
+        return _refs(expr.item)
+    return set()
+
+
 def _nullable_loop(expr: Expr, nullable: set[str]) -> bool:
     if isinstance(expr, Seq):
         return any(_nullable_loop(i, nullable) for i in expr.items)
@@ -464,6 +488,7 @@ def _class_char(cp: int) -> str:
     return _hex_escape(cp)
 
 
+@functools.lru_cache(maxsize=1024)
 def _render_charset(cs: CharSet) -> str:
     if not cs.ranges:
         raise SchemaError("internal: empty character class")

@@ -7,6 +7,7 @@ import json
 import math
 import urllib.parse
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from .gbnf import SchemaError
@@ -14,7 +15,7 @@ from .gbnf import SchemaError
 __all__ = [
     "ANNOTATIONS", "KNOWN", "TYPES", "EmptyIntersection", "resolve_ref", "merge_all_of",
     "merge_ref", "merge_siblings", "check_one_of_disjoint", "types_of", "json_type",
-    "integer_bounds", "count", "escape_pointer",
+    "integer_bounds", "number_bounds", "count", "escape_pointer",
 ]
 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -129,6 +130,38 @@ def integer_bounds(s: Mapping[str, Any], ptr: str) -> tuple[int | None, int | No
     if (v := num("exclusiveMaximum")) is not None:
         b = math.ceil(v) - 1
         hi = b if hi is None else min(hi, b)
+    return lo, hi
+
+
+#: Bounds on ``number`` must be exactly representable as floats (validators compare floats).
+MAX_EXACT_NUMBER = 2 ** 53
+
+
+def number_bounds(s: Mapping[str, Any], ptr: str) -> tuple[tuple[Decimal, bool] | None,
+                                                           tuple[Decimal, bool] | None]:
+    """Inclusive decimal bounds for a ``number``, each (value, strict=False).
+
+    Validators compare a parsed float with the bound, so a strict bound b becomes the
+    inclusive bound nextafter(b): every decimal at or beyond it parses to a float
+    strictly beyond b, and every decimal at or beyond an inclusive bound parses to a
+    float at or beyond it (rounding is monotonic)."""
+    lows: list[float] = []
+    highs: list[float] = []
+    for key, out, up in (("minimum", lows, True), ("exclusiveMinimum", lows, True),
+                         ("maximum", highs, False), ("exclusiveMaximum", highs, False)):
+        v = s.get(key)
+        if v is None or isinstance(v, bool):
+            continue
+        if not isinstance(v, (int, float)):
+            raise SchemaError(f"{key!r} must be a number", ptr)
+        if abs(v) > MAX_EXACT_NUMBER:
+            raise SchemaError(f"{key!r} on a 'number' beyond 2**53 is not supported", ptr)
+        strict = key.startswith("exclusive") or s.get(
+            "exclusiveMinimum" if up else "exclusiveMaximum") is True
+        f = float(v)
+        out.append(math.nextafter(f, math.inf if up else -math.inf) if strict else f)
+    lo = (Decimal(max(lows)), False) if lows else None
+    hi = (Decimal(min(highs)), False) if highs else None
     return lo, hi
 
 
