@@ -26,6 +26,7 @@ from mullama.errors import (
     TemplateError,
     TokenizerError,
     StateError,
+    TokenIdError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
@@ -34,6 +35,7 @@ from mullama.state import SequenceState
 from mullama.stream_config import StreamConfig
 from mullama.types import GenerationStats, TokenData
 from mullama._generation import TextStream, TokenIterator
+from mullama.scoring import PerplexityResult, ScoreResult
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,9 @@ __all__ = [
     "TemplateError",
     "TokenizerError",
     "StateError",
+    "TokenIdError",
+    "ScoreResult",
+    "PerplexityResult",
     "DefaultModelMissingError",
     "ClosedError",
     "DownloadError",
