@@ -24,6 +24,7 @@ __all__ = ["ScoreResult", "PerplexityResult", "MAX_SCORE_TOP", "MAX_SCORE_BATCH"
 
 MAX_SCORE_TOP = 64        # alternatives per scored token
 MAX_SCORE_BATCH = 4096    # texts (or pairs) in one call
+FIN_SCORED = 3            # a scoring request's finish code (max_tokens, zero, reached)
 # SamplerParams.native() of plain greedy decoding (a scoring request samples nothing)
 _GREEDY = (0.0, 0, 1.0, 0.0, 1.0, 1.0, 0, 0.0, 0.0, 0, ())
 
@@ -221,7 +222,8 @@ def result_of(request: Request, ids: np.ndarray, first: int) -> ScoreResult:
     err = request.error()
     if err is not None:
         raise err
-    if not request.done:
-        raise errors.GenerationError("the scoring request ended before its prompt was evaluated")
+    if request.finish_code != FIN_SCORED:
+        raise errors.GenerationError("the scoring request was cancelled before its text was evaluated "
+                                     "(the model or context was closed)")
     logprob, argmax, top_ids, top_vals = request.scores()
     return ScoreResult(ids, logprob, argmax, top_ids, top_vals, first)

@@ -176,6 +176,11 @@ cdef class Request:
         return self.r.n_prompt
 
     @property
+    def finish_code(self) -> int:
+        """How the request ended (a FIN_* code of _pipe.pxd; 0 while it runs)."""
+        return self.r.finish
+
+    @property
     def keeps_cache(self) -> bool:
         return self.r.keep
 
