@@ -402,15 +402,16 @@ class Context:
         ids = scoring.score_ids(self._model, text, self._n_ctx)
         return self._run_scores([(ids, 1, top)])[0]
 
-    def loglikelihood(self, context: Prompt, continuation: Prompt) -> tuple[float, bool]:
+    def loglikelihood(self, context: Prompt, continuation: Prompt, *, add_bos: bool = True) -> tuple[float, bool]:
         """(sum of the continuation tokens' log-probabilities given the context, whether each
         of them is the model's greedy choice): what multiple-choice evaluations compare.
 
         Text pairs are tokenized as evaluation harnesses do (whitespace at the end of the
         context belongs to the continuation; the continuation's tokens are those that
-        follow the context's in the tokenized whole); token-id pairs are used as given.
+        follow the context's in the tokenized whole; ``add_bos=False`` leaves out the BOS,
+        as lm-evaluation-harness's remote tokenizer does); token-id pairs are used as given.
         """
-        ids, n_context = scoring.pair_ids(self._model, context, continuation, self._n_ctx)
+        ids, n_context = scoring.pair_ids(self._model, context, continuation, self._n_ctx, bool(add_bos))
         res = self._run_scores([(ids, n_context, 0)])[0]
         return res.total_logprob, bool(res.greedy[n_context:].all())
 

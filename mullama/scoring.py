@@ -130,14 +130,15 @@ def score_ids(model: Model, text: Text, n_ctx: int) -> np.ndarray:
     return ids
 
 
-def pair_ids(model: Model, context: Text, continuation: Text, n_ctx: int) -> tuple[np.ndarray, int]:
+def pair_ids(model: Model, context: Text, continuation: Text, n_ctx: int,
+             add_bos: bool = True) -> tuple[np.ndarray, int]:
     """(ids, n_context) of a context/continuation pair.
 
     Text pairs are split as evaluation harnesses do: trailing whitespace of
     the context moves to the continuation, the whole text is tokenized (with
-    BOS) and the continuation is what follows the context's own tokens, so a
-    word is tokenized as it would be in running text. Id pairs are taken as
-    they are.
+    BOS unless ``add_bos`` is False) and the continuation is what follows the
+    context's own tokens, so a word is tokenized as it would be in running
+    text. Id pairs are taken as they are.
     """
     if isinstance(context, (str, bytes)) != isinstance(continuation, (str, bytes)):
         raise TypeError("context and continuation must both be text or both be token ids")
@@ -150,8 +151,8 @@ def pair_ids(model: Model, context: Text, continuation: Text, n_ctx: int) -> tup
         stripped = context.rstrip()
         continuation = context[len(stripped):] + continuation
         context = stripped
-        ctx_ids = _ids(model, context, "context", True)
-        whole = _ids(model, context + continuation, "text", True)
+        ctx_ids = _ids(model, context, "context", add_bos)
+        whole = _ids(model, context + continuation, "text", add_bos)
         n_context = int(ctx_ids.size)
         if n_context == 0 or whole.size <= n_context:
             raise ValueError("the context has no tokens (a model without BOS needs a non-empty context)"
