@@ -468,6 +468,15 @@ class AsyncModel:
         results = await self._score_all([(chunk, n_ctx // 2 + 1, 0) for chunk in chunks])
         return scoring.perplexity_of(results, n_ctx)
 
+    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool = True) -> Any:
+        """:meth:`Model.embed` in a worker thread (the event loop keeps running). Embedding
+        runs on the model's embedding context, not on the generation engine; a cancelled
+        call returns at once while the running decode finishes in its thread."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize,
+                                              abandon_on_cancel=True)
+
     # ------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:

@@ -57,21 +57,34 @@ def _token_lists(model: "Model", texts: Any) -> list[np.ndarray]:
     return out
 
 
+class _Held:
+    """An embedding context as the model sees it: closing the model closes it, after the
+    decode running on it (if any) has finished."""
+
+    def __init__(self, emb: Any) -> None:
+        self.emb = emb
+
+    def close(self) -> None:
+        with _lock:
+            self.emb.close()
+
+
 def _embedder(model: "Model", pooling: str, n_tokens: int, n_threads: int) -> Any:
-    """The model's embedding context for ``pooling`` with room for ``n_tokens`` in one micro-batch."""
+    """The model's embedding context for ``pooling`` with room for ``n_tokens`` in one
+    micro-batch (call with ``_lock`` held)."""
     from mullama._engine._embed import Embedder
 
-    cache: dict[str, Any] = model.__dict__.setdefault("_embedders", {})
-    current = cache.get(pooling)
-    if current is not None and not current.closed and current.n_ctx >= n_tokens:
-        return current
+    cache: dict[str, _Held] = model.__dict__.setdefault("_embedders", {})
+    held = cache.get(pooling)
+    if held is not None and not held.emb.closed and held.emb.n_ctx >= n_tokens:
+        return held.emb
     n_ctx = max(_MIN_CTX, -(-n_tokens // 256) * 256)
-    if current is not None:
-        n_ctx = max(n_ctx, current.n_ctx)
-        current.close()
+    if held is not None:
+        n_ctx = max(n_ctx, held.emb.n_ctx)
+        held.emb.close()
     emb = Embedder(model._handle, pooling, n_ctx, _SEQS, n_threads)
-    cache[pooling] = emb
-    model._register(emb)
+    cache[pooling] = held = _Held(emb)
+    model._register(held)
     return emb
 
 
@@ -92,6 +105,8 @@ def embed(model: "Model", texts: Any, pooling: Pooling = "mean", normalize: bool
             f"a text has {longest} tokens; the model was trained on at most {limit}", n_prompt=longest, n_ctx=limit)
     key = pooling or "none"
     with _lock:
+        if model.closed:
+            raise errors.ClosedError("the model is closed")
         emb = _embedder(model, key, longest, n_threads or default_threads())
         if pooling is None:
             rows = emb.embed(ids)

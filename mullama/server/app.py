@@ -17,6 +17,7 @@ from mullama.async_model import AsyncModel
 from mullama.server.errors import ApiError, error_response
 from mullama.server.metrics import Metrics
 from mullama.server.openai_api import chat_completions, completions, list_models
+from mullama.server.embeddings_api import embeddings
 from mullama.server.scoring_api import detokenize, tokenize, tokenizer_info
 from mullama.server.service import Service
 from mullama.server.settings import ServerSettings
@@ -123,6 +124,7 @@ def create_app(model: AsyncModel, settings: ServerSettings | None = None) -> Sta
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
