@@ -261,7 +261,7 @@ cdef class Engine:
 
     def __cinit__(self, ModelHandle model not None, int n_slots, int n_ctx_per_slot, int n_batch,
                   int n_threads, int n_threads_batch, int flash_attn, bint swa_full=True,
-                  int max_queue=64, int prefill_chunk=256, int max_rows=128):
+                  int max_queue=64, int prefill_chunk=256, int max_rows=256):
         cdef llama_context_params params
         cdef int i
         model.check_open()
