@@ -59,7 +59,7 @@ def run_llama_perplexity(exe: Path, model: str, text_file: str, n_ctx: int, thre
 
 def run_mullama(model: Model, text: str, n_ctx: int, threads: int) -> dict:
     with Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads) as ctx:
-        ctx.perplexity(text[:4000], n_ctx=min(n_ctx, 128))  # warm-up
+        ctx.score(model.tokenize(text)[:n_ctx])  # warm-up: llama.cpp sizes its buffers for this shape
         t0 = time.perf_counter()
         res = ctx.perplexity(text, n_ctx=n_ctx)
         dt = time.perf_counter() - t0
