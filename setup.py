@@ -256,6 +256,7 @@ if __name__ == "__main__":
             extension("_sampler", links_llama=True),
             extension("_core", links_llama=True),
             extension("_engine", links_llama=True),
+            extension("_embed", links_llama=True),
         ],
         cmdclass={"build_ext": BuildExt},
     )

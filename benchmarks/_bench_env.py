@@ -35,7 +35,7 @@ TOOLS_CMAKE_ARGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
 ]
-TOOLS_TARGETS = ["llama-bench", "llama-batched-bench"]
+TOOLS_TARGETS = ["llama-bench", "llama-batched-bench", "llama-perplexity"]
 
 
 def log(msg: str) -> None:

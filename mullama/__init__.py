@@ -27,6 +27,7 @@ from mullama.errors import (
     GrammarError,
     TokenizerError,
     StateError,
+    TokenIdError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
@@ -35,6 +36,7 @@ from mullama.state import SequenceState
 from mullama.stream_config import StreamConfig
 from mullama.types import GenerationStats, TokenData
 from mullama._generation import TextStream, TokenIterator
+from mullama.scoring import PerplexityResult, ScoreResult
 
 __version__ = "0.1.0"
 
@@ -65,6 +67,9 @@ __all__ = [
     "GrammarError",
     "TokenizerError",
     "StateError",
+    "TokenIdError",
+    "ScoreResult",
+    "PerplexityResult",
     "DefaultModelMissingError",
     "ClosedError",
     "DownloadError",

@@ -13,13 +13,15 @@ import numpy as np
 import anyio
 
 from mullama._engine._engine import Engine, Request
-from mullama._engine._ring import TokenRing
+from mullama._engine._ring import CLOSED, EMPTY, TokenRing
+from mullama import scoring
 from mullama.context import _FLASH_ATTN, Context, _positive_int, default_threads, prompt_ids
-from mullama.errors import ClosedError, ContextOverflowError
+from mullama.errors import ClosedError, ContextOverflowError, QueueFullError
 from mullama.model import Model
 from mullama.params import SamplerParams
 from mullama.stream import BlockingTokenStream, TokenStream, _Job
 from mullama.state import SequenceState
+from mullama.scoring import PerplexityResult, ScoreResult
 from mullama.stream_config import StreamConfig
 
 __all__ = ["AsyncModel"]
@@ -363,6 +365,135 @@ class AsyncModel:
         async with await self.generate_stream(prompt, config) as stream:
             return "".join([tok.text async for tok in stream])
 
+    # ------------------------------------------------------------ scoring
+
+    async def _score_one(self, ids: np.ndarray, first: int, top: int) -> ScoreResult:
+        """Run one scoring request; a cancelled wait cancels it (the engine drops it within
+        one step)."""
+        if self._engine is not None:
+            request = scoring.make_request(self._model, ids, first, top, self._n_ctx, self._prefix_cache,
+                                           self._prefix_cache)
+            while True:
+                try:
+                    self._engine.submit(request)
+                    break
+                except QueueFullError:
+                    await anyio.sleep(0.005)  # the queue is shared with streams: wait for room
+            try:
+                await _wait_closed(request.ring)
+                while not request.done:   # set just after the ring closes
+                    await anyio.sleep(0)
+            except BaseException:
+                request.cancel()
+                raise
+            return scoring.result_of(request, ids, first)
+        ctx = await self._acquire()
+        producer = None
+        try:
+            request = scoring.make_request(self._model, ids, first, top, self._n_ctx)
+            with ctx._lock:
+                ctx._begin_generation()
+                ctx._live_engine().submit(request)
+                ctx._current = request
+            producer = _Job(request, ctx)
+            self._live.add(producer)
+            producer.start()
+            try:
+                await _wait_closed(request.ring)
+            except BaseException:
+                producer.stop()
+                with anyio.CancelScope(shield=True):
+                    await producer.wait()
+                raise
+            await producer.wait()
+            if producer.failure is not None:
+                raise producer.failure
+            return scoring.result_of(request, ids, first)
+        finally:
+            self._release(ctx, producer)
+
+    async def _score_all(self, jobs: list[tuple[np.ndarray, int, int]]) -> list[ScoreResult]:
+        """Score every job, at most two per slot in flight (the rest wait here, not in the
+        engine's queue). The first failure cancels the others and is raised."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        results: list[ScoreResult | None] = [None] * len(jobs)
+        failures: list[BaseException] = []
+        window = anyio.Semaphore(2 * self._n_parallel)
+
+        async def one(i: int, job: tuple[np.ndarray, int, int]) -> None:
+            try:
+                results[i] = await self._score_one(*job)
+            except Exception as exc:  # noqa: BLE001 - raised below, outside the task group
+                failures.append(exc)
+                tg.cancel_scope.cancel()
+            finally:
+                window.release()
+
+        async with anyio.create_task_group() as tg:
+            for i, job in enumerate(jobs):
+                await window.acquire()
+                if failures:
+                    window.release()
+                    break
+                tg.start_soon(one, i, job)
+        if failures:
+            raise failures[0]
+        return results  # type: ignore[return-value]
+
+    @overload
+    async def score(self, texts: scoring.Text, top_logprobs: int = 0) -> ScoreResult: ...
+
+    @overload
+    async def score(self, texts: list[scoring.Text], top_logprobs: int = 0) -> list[ScoreResult]: ...
+
+    async def score(self, texts: Any, top_logprobs: int = 0) -> ScoreResult | list[ScoreResult]:
+        """:meth:`Context.score` for one text (a string, or token ids) or a list of them.
+
+        A list runs through the engine together: its texts share decode steps (one per
+        slot), each logits row reduced on the decode threads as it comes. At most two
+        requests per slot are in flight; the rest wait their turn here, so a long list
+        holds no more memory than its results. Cancelling the call cancels every request
+        still running.
+        """
+        top = scoring.check_top(top_logprobs)
+        single = _is_single_text(texts)
+        items = [texts] if single else scoring.check_batch(texts, "texts")
+        ids = await anyio.to_thread.run_sync(
+            lambda: [scoring.score_ids(self._model, t, self._n_ctx) for t in items])
+        results = await self._score_all([(i, 1, top) for i in ids])
+        return results[0] if single else results
+
+    async def loglikelihood(self, requests: Iterable[tuple[Any, Any]]) -> list[tuple[float, bool]]:
+        """:meth:`Context.loglikelihood` of each ``(context, continuation)`` pair, run through
+        the engine together (see :meth:`score`). Pairs that share a context reuse its cached
+        tokens when the prefix cache is on."""
+        pairs = scoring.check_batch(requests, "requests")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"requests[{i}] must be a (context, continuation) pair")
+        encoded = await anyio.to_thread.run_sync(
+            lambda: [scoring.pair_ids(self._model, c, x, self._n_ctx) for c, x in pairs])
+        results = await self._score_all([(ids, n, 0) for ids, n in encoded])
+        return [(r.total_logprob, bool(r.greedy[r.first:].all())) for r in results]
+
+    async def perplexity(self, text: str, n_ctx: int = 512) -> PerplexityResult:
+        """:meth:`Context.perplexity`, its chunks evaluated side by side in the slots."""
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > self._n_ctx:
+            raise ValueError(f"n_ctx={n_ctx} is larger than a slot's context ({self._n_ctx} tokens)")
+        chunks = await anyio.to_thread.run_sync(scoring.perplexity_chunks, self._model, text, n_ctx)
+        results = await self._score_all([(chunk, n_ctx // 2 + 1, 0) for chunk in chunks])
+        return scoring.perplexity_of(results, n_ctx)
+
+    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool = True) -> Any:
+        """:meth:`Model.embed` in a worker thread (the event loop keeps running). Embedding
+        runs on the model's embedding context, not on the generation engine; a cancelled
+        call returns at once while the running decode finishes in its thread."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize,
+                                              abandon_on_cancel=True)
+
     # ------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
@@ -390,3 +521,23 @@ class AsyncModel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _is_single_text(value: Any) -> bool:
+    """One text (str, bytes, an id array, a list of ints) rather than a list of texts."""
+    if isinstance(value, (str, bytes, np.ndarray)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    return False
+
+
+async def _wait_closed(ring: TokenRing) -> None:
+    """Wait (without blocking the event loop) until the engine closes a scoring request's ring."""
+    while True:
+        record = ring.pop(True)
+        if record is CLOSED:
+            return
+        if record is EMPTY:
+            await anyio.wait_readable(ring.fileno())
+            ring.drain_wake()

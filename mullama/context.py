@@ -14,6 +14,8 @@ from mullama._engine._ring import TokenRing
 from mullama._generation import TextStream, TokenIterator
 from mullama.model import Model, as_token_array
 from mullama.params import SamplerParams, check_max_tokens, normalize_stop
+from mullama import scoring
+from mullama.scoring import PerplexityResult, ScoreResult
 from mullama.state import SequenceState
 from mullama.types import GenerationStats
 
@@ -367,3 +369,62 @@ class Context:
         if err is not None:
             raise err
         return out
+
+    # ------------------------------------------------------------ scoring
+
+    def _run_scores(self, jobs: list[tuple[np.ndarray, int, int]]) -> list[ScoreResult]:
+        """Score each ``(ids, first, top)`` in turn on this context's engine (this thread)."""
+        out = []
+        with self._lock:
+            self._begin_generation()
+            for ids, first, top in jobs:
+                request = scoring.make_request(self._model, ids, first, top, self._n_ctx)
+                self._live_engine().submit(request)
+                self._current = request
+                try:
+                    while not request.done:
+                        self._engine.step()
+                except BaseException:
+                    self._abandon(request)
+                    raise
+                out.append(scoring.result_of(request, ids, first))
+        return out
+
+    def score(self, text: Prompt, top_logprobs: int = 0) -> ScoreResult:
+        """The log-probability of every token of ``text`` given the tokens before it.
+
+        Text is tokenized with the model's BOS; token ids are scored as given.
+        The first token has no log-probability (NaN). With ``top_logprobs=k``
+        the result also holds each position's k most likely tokens. The whole
+        text is evaluated in chunks of ``n_batch`` tokens; each logits row is
+        reduced as it is computed, so memory does not grow with the text.
+        Blocks this thread; the context's cached tokens are replaced.
+        """
+        top = scoring.check_top(top_logprobs)
+        ids = scoring.score_ids(self._model, text, self._n_ctx)
+        return self._run_scores([(ids, 1, top)])[0]
+
+    def loglikelihood(self, context: Prompt, continuation: Prompt, *, add_bos: bool = True) -> tuple[float, bool]:
+        """(sum of the continuation tokens' log-probabilities given the context, whether each
+        of them is the model's greedy choice): what multiple-choice evaluations compare.
+
+        Text pairs are tokenized as evaluation harnesses do (whitespace at the end of the
+        context belongs to the continuation; the continuation's tokens are those that
+        follow the context's in the tokenized whole; ``add_bos=False`` leaves out the BOS,
+        as lm-evaluation-harness's remote tokenizer does); token-id pairs are used as given.
+        """
+        ids, n_context = scoring.pair_ids(self._model, context, continuation, self._n_ctx, bool(add_bos))
+        res = self._run_scores([(ids, n_context, 0)])[0]
+        return res.total_logprob, bool(res.greedy[n_context:].all())
+
+    def perplexity(self, text: str, n_ctx: int = 512) -> PerplexityResult:
+        """Perplexity of ``text`` by llama.cpp's ``llama-perplexity`` method, so that the
+        figures compare: the text is tokenized once and cut into whole chunks of ``n_ctx``
+        tokens (the rest is dropped), each chunk starts with BOS and is evaluated on its
+        own, and only the tokens of each chunk's second half are scored. Needs at least
+        two chunks of text and a context of at least ``n_ctx`` tokens."""
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > self._n_ctx:
+            raise ValueError(f"n_ctx={n_ctx} is larger than this context ({self._n_ctx} tokens)")
+        chunks = scoring.perplexity_chunks(self._model, text, n_ctx)
+        results = self._run_scores([(chunk, n_ctx // 2 + 1, 0) for chunk in chunks])
+        return scoring.perplexity_of(results, n_ctx)

@@ -21,6 +21,7 @@ __all__ = [
     "GrammarError",
     "TokenizerError",
     "StateError",
+    "TokenIdError",
     "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
@@ -87,6 +88,10 @@ class TokenizerError(MullamaError, RuntimeError):
 
 class StateError(MullamaError, ValueError):
     """A sequence snapshot does not fit this model or context (or its file is not one)."""
+
+
+class TokenIdError(MullamaError, ValueError, IndexError):
+    """A token id outside the model's vocabulary."""
 
 
 class DefaultModelMissingError(MullamaError, LookupError):

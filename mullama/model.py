@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -143,6 +143,26 @@ class Model:
 
     def _register(self, ctx: Any) -> None:
         self._contexts.add(ctx)
+
+    # ------------------------------------------------------------ embeddings
+
+    def embed(self, texts: "str | Iterable[str | TokenIds]", pooling: "Literal['mean', 'last', 'cls'] | None" = "mean",
+              normalize: bool = True, n_threads: int | None = None) -> Any:
+        """Embeddings of ``texts`` (strings, tokenized with BOS, or token-id lists) as a
+        float32 ``numpy.ndarray`` of shape ``(len(texts), dim)``; a single string gives
+        shape ``(1, dim)``. ``pooling`` combines a text's token vectors: ``"mean"``,
+        ``"last"`` (the last token's, what causal-LM embedding models use) or ``"cls"`` (the
+        first token's); ``None`` returns one ``(n_tokens, dim)`` array per text. With
+        ``normalize`` each vector has unit L2 norm.
+
+        Runs on an embedding context of the model's own (pooling fixed at creation, one
+        micro-batch as large as the longest text, many texts per decode), separate from
+        any generation context. Blocks the calling thread; calls from several threads
+        run one after another.
+        """
+        from mullama.embeddings import embed
+
+        return embed(self, texts, pooling, normalize, n_threads)
 
     # ------------------------------------------------------------ facts
 

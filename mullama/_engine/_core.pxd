@@ -61,6 +61,17 @@ cdef struct Req:
     llama_token * snap_tokens     # the tokens: the cached ones, then the pending one if any
     int32_t snap_n_kv
     int32_t snap_n_tokens
+    # scoring: rows of prompt positions >= score_from are reduced as they come (arrays owned by Python)
+    bint score
+    int32_t score_from            # the first position whose row is wanted (it scores the next token)
+    int32_t score_top             # alternatives to keep per scored token
+    double * sc_logprob           # [n_prompt]: entry p+1 is log P(prompt[p+1] | prompt[..p]) from row p
+    int32_t * sc_argmax           # [n_prompt]: entry p+1 is row p's most likely token
+    int32_t * sc_top_ids          # [n_prompt * score_top], laid out like sc_logprob
+    float * sc_top_vals
+    int32_t sc_idx                # this step: batch index of the first scored row
+    int32_t sc_pos                # and its position
+    int32_t sc_n                  # scored rows this step
 
 
 cdef enum:
@@ -115,7 +126,8 @@ cdef struct EngineState:
     int32_t * job_slot            # the slot of each job
     int n_pad
     mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
-    mll_row_job * jobs            # one per slot with logits this step
+    mll_row_job * jobs            # one per slot with logits this step, then the scored rows
+    int32_t max_rows              # scored rows per decode (llama.cpp keeps a logits row for each)
 
 
 cdef int32_t engine_step(EngineState * e) noexcept nogil

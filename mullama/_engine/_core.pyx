@@ -146,6 +146,8 @@ cdef int32_t _attach(EngineState * e, int slot, Req * r, int32_t p) noexcept nog
         p = r.state_n_kv
     if p >= r.n_prompt:
         p = r.n_prompt - 1          # the last prompt token is decoded again for its logits
+    if r.score and p > r.score_from:
+        p = r.score_from            # the scored rows are computed, not taken from the cache
     if p <= 0 or not llama_memory_seq_rm(mem, slot, p, -1):
         p = 0
     elif e.n_swa > 0:
@@ -251,6 +253,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
     the decode), which costs far less, and tokens go in in slot order."""
     cdef int32_t n = 0
     cdef int32_t budget, chunk, j, k, pos
+    cdef int32_t rows = e.max_rows
     cdef int i, idx, lo = -1, hi = -1, odd_fix = -1
     cdef int n_decoding = 0, n_prefill = 0
     cdef Req * r
@@ -260,6 +263,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
             continue
         r.out_idx = -1
         r.n_in_batch = 0
+        r.sc_n = 0
         if not r.pending_decode or r.waiting:
             continue
         if mll_ring_space(r.ring) == 0:
@@ -283,6 +287,8 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         chunk = r.n_prompt - r.prefill_pos
         if chunk > budget:
             chunk = budget
+        if r.score:
+            chunk = _score_chunk(r, chunk, &rows)
         r.n_in_batch = chunk
         budget -= chunk
     e.rr = (e.rr + 1) % e.n_slots
@@ -326,9 +332,11 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         elif r.prefill_pos < r.n_prompt:
             for j in range(r.n_in_batch):
                 _put_kept(e, n + j, r.prompt[r.prefill_pos + j], r.prefill_pos + j, i, False)
-            if r.prefill_pos + r.n_in_batch == r.n_prompt:
+            if r.prefill_pos + r.n_in_batch == r.n_prompt and not (r.score and r.max_tokens == 0):
                 e.batch.logits[n + r.n_in_batch - 1] = 1
                 r.out_idx = n + r.n_in_batch - 1
+            if r.score:
+                _mark_scored(e, r, n)
             n += r.n_in_batch
         else:
             _put_kept(e, n, r.last, r.n_past, i, True)
@@ -336,6 +344,37 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
             n += 1
     e.batch.n_tokens = n
     return n
+
+
+cdef inline int32_t _scored_in(Req * r, int32_t start, int32_t chunk, int32_t * lo) noexcept nogil:
+    """How many positions of ``[start, start + chunk)`` have a scored row (the rows at
+    ``score_from .. n_prompt - 2``: each predicts the prompt token after it); the first into ``lo``."""
+    cdef int32_t a = max(start, r.score_from)
+    cdef int32_t b = min(start + chunk, r.n_prompt - 1)
+    lo[0] = a
+    return b - a if b > a else 0
+
+
+cdef int32_t _score_chunk(Req * r, int32_t chunk, int32_t * rows) noexcept nogil:
+    """Shorten a scoring request's prompt chunk so that its scored rows fit the ``rows``
+    left to this step (llama.cpp holds a logits row per output); takes them from ``rows``."""
+    cdef int32_t lo
+    cdef int32_t n = _scored_in(r, r.prefill_pos, chunk, &lo)
+    if n > rows[0]:
+        chunk = lo + rows[0] - r.prefill_pos
+        n = rows[0]
+    rows[0] -= n
+    return chunk
+
+
+cdef void _mark_scored(EngineState * e, Req * r, int32_t n) noexcept nogil:
+    """Ask for the logits rows of the scored positions of ``r``'s chunk (at batch index ``n``)."""
+    cdef int32_t lo, k
+    r.sc_n = _scored_in(r, r.prefill_pos, r.n_in_batch, &lo)
+    r.sc_pos = lo
+    r.sc_idx = n + lo - r.prefill_pos
+    for k in range(r.sc_n):
+        e.batch.logits[r.sc_idx + k] = 1
 
 
 cdef void _drop_pads(EngineState * e) noexcept nogil:
@@ -574,9 +613,59 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     return ERR_NONE
 
 
+cdef int32_t _score_jobs(EngineState * e, int32_t n_jobs) noexcept nogil:
+    """Add a row job (log-sum-exp, argmax, top-k) for every scored row of this step."""
+    cdef int i
+    cdef int32_t k, p
+    cdef Req * r
+    cdef mll_row_job * job
+    cdef const float * logits
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or r.sc_n == 0:
+            continue
+        for k in range(r.sc_n):
+            if llama_get_logits_ith(e.ctx, r.sc_idx + k) == NULL:
+                r.sc_n = 0
+                engine_finish(e, i, ERR_NO_LOGITS)
+                break
+        for k in range(r.sc_n):
+            p = r.sc_pos + k + 1        # the token this row scores
+            job = &e.jobs[n_jobs + k]
+            row_job(job, llama_get_logits_ith(e.ctx, r.sc_idx + k), NULL, True, r.score_top,
+                    r.sc_top_ids + <size_t> p * r.score_top, r.sc_top_vals + <size_t> p * r.score_top)
+        n_jobs += r.sc_n
+    return n_jobs
+
+
+cdef void _score_store(EngineState * e, int32_t k) noexcept nogil:
+    """Write the scored rows' results (jobs from ``k`` on, in slot order) into their
+    requests' arrays; a scoring request whose prompt is done and that generates nothing ends."""
+    cdef int i, t
+    cdef int32_t j, p
+    cdef Req * r
+    cdef mll_row_job * job
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or not r.score:
+            continue
+        for j in range(r.sc_n):
+            job = &e.jobs[k]
+            k += 1
+            p = r.sc_pos + j + 1
+            r.sc_logprob[p] = <double> job.logits[r.prompt[p]] - job.lse
+            r.sc_argmax[p] = job.argmax
+            for t in range(job.got_top):
+                job.top_vals[t] = <float> (job.top_vals[t] - job.lse)
+        r.sc_n = 0
+        if r.max_tokens == 0 and r.prefill_pos >= r.n_prompt:
+            r.finish = FIN_MAX_TOKENS
+            engine_finish(e, i, ERR_NONE)
+
+
 cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
     cdef int i, k, err
-    cdef int32_t n_jobs = 0
+    cdef int32_t n_jobs = 0, n_gen
     cdef Req * r
     cdef mll_tok_rec * rec
     cdef const float * logits
@@ -616,11 +705,16 @@ cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
         e.job_slot[n_jobs] = i
         n_jobs += 1
         n_jobs = _branch_kids(e, r, logits, n_jobs)
-    if n_jobs == 0:
-        return
-    # the rows' reductions, spread over the decode's threads; then each stream in slot order
-    mll_rows_compute(&e.rows, n_jobs)
-    for k in range(n_jobs):
+    n_gen = n_jobs
+    if rc == 0:
+        n_jobs = _score_jobs(e, n_jobs)
+    if n_jobs > 0:
+        # the rows' reductions, spread over the decode's threads
+        mll_rows_compute(&e.rows, n_jobs)
+    if rc == 0:
+        _score_store(e, n_gen)
+    # then each stream's token, in slot order
+    for k in range(n_gen):
         i = e.job_slot[k]
         err = _sample_and_push(e, i, &e.jobs[k])
         if err != ERR_NONE and e.slots[i] != NULL:

@@ -45,6 +45,7 @@ cdef class Request:
     cdef object _state
     cdef Grammar _grammar
     cdef list _kids
+    cdef tuple _scores
     cdef object __weakref__
 
     def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
@@ -112,6 +113,43 @@ cdef class Request:
         free(self.r.snap_tokens)
         pipe_free(&self.r.pipe)
 
+    def want_scores(self, int first, int top=0):
+        """Before submitting: reduce the logits rows of prompt positions ``first`` ..
+        ``n_prompt - 2`` as they are computed, each scoring the prompt token after it
+        (its log-probability, whether it is the row's argmax, the ``top`` most likely
+        tokens). With ``max_tokens == 0`` the request ends once its prompt is evaluated.
+        ``scores()`` returns the arrays."""
+        import numpy as np
+        cdef Py_ssize_t n = self.r.n_prompt
+        if not 0 <= first < n:
+            raise ValueError(f"the first scored row must be a prompt position in [0, {n}), got {first}")
+        if top < 0:
+            raise ValueError(f"top must be >= 0, got {top}")
+        logprob = np.full(n, np.nan, dtype=np.float64)
+        argmax = np.full(n, -1, dtype=np.int32)
+        top_ids = np.full((n, top), -1, dtype=np.int32)
+        top_vals = np.full((n, top), np.nan, dtype=np.float32)
+        cdef double[::1] lp = logprob
+        cdef int32_t[::1] am = argmax
+        cdef int32_t[:, ::1] ti = top_ids
+        cdef float[:, ::1] tv = top_vals
+        self._scores = (logprob, argmax, top_ids, top_vals)
+        self.r.score = True
+        self.r.score_from = first
+        self.r.score_top = top
+        self.r.sc_logprob = &lp[0]
+        self.r.sc_argmax = &am[0]
+        self.r.sc_top_ids = &ti[0, 0] if top else NULL
+        self.r.sc_top_vals = &tv[0, 0] if top else NULL
+
+    def scores(self):
+        """(logprob, argmax, top_ids, top_logprobs) of ``want_scores``: numpy arrays with
+        one entry (row) per prompt token; NaN / -1 where a token was not scored. Complete
+        once the request is done without error."""
+        if self._scores is None:
+            raise RuntimeError("this request scores nothing (want_scores was not called)")
+        return self._scores
+
     def add_branch(self, Request kid not None):
         """Before submitting: ``kid`` (same prompt) branches from this request's prompt once
         it is evaluated, sampling its first token from the same logits (n > 1)."""
@@ -151,6 +189,11 @@ cdef class Request:
     @property
     def n_prompt(self) -> int:
         return self.r.n_prompt
+
+    @property
+    def finish_code(self) -> int:
+        """How the request ended (a FIN_* code of _pipe.pxd; 0 while it runs)."""
+        return self.r.finish
 
     @property
     def keeps_cache(self) -> bool:
@@ -257,7 +300,7 @@ cdef class Engine:
 
     def __cinit__(self, ModelHandle model not None, int n_slots, int n_ctx_per_slot, int n_batch,
                   int n_threads, int n_threads_batch, int flash_attn, bint swa_full=True,
-                  int max_queue=64, int prefill_chunk=256):
+                  int max_queue=64, int prefill_chunk=256, int max_rows=256):
         cdef llama_context_params params
         cdef int i
         model.check_open()
@@ -305,7 +348,8 @@ cdef class Engine:
         self.e.hist = <llama_token *> malloc(<size_t> n_slots * self.e.slot_cells * sizeof(llama_token))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
         self.e.scratch = <int32_t *> calloc(3 * n_slots, sizeof(int32_t))
-        self.e.jobs = <mll_row_job *> calloc(n_slots, sizeof(mll_row_job))
+        self.e.max_rows = max(1, min(max_rows, self.e.n_batch))
+        self.e.jobs = <mll_row_job *> calloc(n_slots + self.e.max_rows, sizeof(mll_row_job))
         if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.n_hist == NULL or self.e.used_at == NULL
                 or self.e.hist == NULL or self.e.batch.token == NULL or self.e.scratch == NULL
                 or self.e.jobs == NULL):
@@ -540,6 +584,11 @@ cdef class Engine:
     @property
     def n_batch(self) -> int:
         return self.e.n_batch
+
+    @property
+    def max_rows(self) -> int:
+        """Scored logits rows per decode at most."""
+        return self.e.max_rows
 
     @property
     def n_active(self) -> int:

@@ -85,6 +85,14 @@ cdef extern from "llama.h" nogil:
         bint vocab_only
         bint check_tensors
 
+    enum llama_pooling_type:
+        LLAMA_POOLING_TYPE_UNSPECIFIED
+        LLAMA_POOLING_TYPE_NONE
+        LLAMA_POOLING_TYPE_MEAN
+        LLAMA_POOLING_TYPE_CLS
+        LLAMA_POOLING_TYPE_LAST
+        LLAMA_POOLING_TYPE_RANK
+
     cdef struct llama_context_params:
         uint32_t n_ctx
         uint32_t n_batch
@@ -95,6 +103,7 @@ cdef extern from "llama.h" nogil:
         llama_flash_attn_type flash_attn_type
         ggml_abort_callback abort_callback
         void * abort_callback_data
+        llama_pooling_type pooling_type
         bint embeddings
         bint no_perf
         bint swa_full
@@ -130,6 +139,9 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_ctx_train(const llama_model * model)
     int32_t llama_model_n_swa(const llama_model * model)
     int32_t llama_model_n_embd(const llama_model * model)
+    int32_t llama_model_n_embd_out(const llama_model * model)
+    float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)
+    float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
     int32_t llama_model_n_layer(const llama_model * model)
     int32_t llama_model_n_head(const llama_model * model)
     uint64_t llama_model_size(const llama_model * model)

@@ -17,6 +17,8 @@ from mullama.async_model import AsyncModel
 from mullama.server.errors import ApiError, error_response
 from mullama.server.metrics import Metrics
 from mullama.server.openai_api import chat_completions, completions, list_models
+from mullama.server.embeddings_api import embeddings
+from mullama.server.scoring_api import detokenize, tokenize, tokenizer_info
 from mullama.server.service import Service
 from mullama.server.settings import ServerSettings
 from mullama.server.tutorial_api import stream_endpoint, websocket_endpoint
@@ -122,6 +124,10 @@ def create_app(model: AsyncModel, settings: ServerSettings | None = None) -> Sta
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: _http_error, ApiError: _api_error, Exception: _internal_error})

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mullama.errors import MullamaError
 from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
+from mullama.server.scoring_api import completion_prompts, scored_completions
 from mullama.server.service import Choices, Service
 from mullama.server.tutorial_api import SSE_HEADERS
 from mullama.server.tool_calls import ToolRequest, tool_message_fields
@@ -330,14 +331,30 @@ async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     try:
         fields = Fields(await read_json(request, service.settings.max_body_bytes), service.settings)
-        prompt = _completion_prompt(fields, service.model.model.n_vocab)
-        n = _n(fields, service)
+        prompts = completion_prompts(fields.body, service.model.model.n_vocab)
         n_logprobs = fields.integer("logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
         stream = fields.boolean("stream")
-        include_usage = _stream_options(fields)
         echo = fields.boolean("echo")
+        if not stream and (echo or len(prompts) > 1):
+            # prompt log-probabilities and batches: scored by the engine, then generated
+            n = fields.integer("n", 1, 1, 2**31 - 1)
+            assert n is not None
+            zero = fields.body.get("max_tokens")
+            if isinstance(zero, int) and not isinstance(zero, bool) and zero == 0:
+                config = None
+            else:
+                config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
+                                              logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
+            head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": service.settings.model_id}
+            return await scored_completions(request, service, prompts, n, n_logprobs, echo, config, head)
+        if len(prompts) > 1:
+            raise ApiError(400, "a streamed completion takes one prompt", param="prompt")
+        prompt = _completion_prompt(fields, service.model.model.n_vocab)
+        n = _n(fields, service)
+        include_usage = _stream_options(fields)
         if echo and isinstance(prompt, list):
-            raise ApiError(400, "'echo' needs a text prompt", param="echo")
+            raise ApiError(400, "a streamed 'echo' needs a text prompt", param="echo")
         config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
                                       logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
         shape = _CompletionShape(service, n, n_logprobs is not None,
