@@ -22,6 +22,7 @@ from mullama.errors import MullamaError
 from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
 from mullama.server.service import Choices, Service
+from mullama.server.structured import request_grammar
 from mullama.server.tutorial_api import SSE_HEADERS
 from mullama.types import TokenData
 
@@ -334,8 +335,10 @@ async def completions(request: Request) -> Response:
         echo = fields.boolean("echo")
         if echo and isinstance(prompt, list):
             raise ApiError(400, "'echo' needs a text prompt", param="echo")
+        grammar = request_grammar(fields.body, service.model.model, service.grammars)
         config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
-                                      logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
+                                      logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0,
+                                      grammar=grammar)
         shape = _CompletionShape(service, n, n_logprobs is not None,
                                  prompt if echo and isinstance(prompt, str) else "")
         choices = await service.start_choices(prompt, config, shape.endpoint, n)
@@ -357,8 +360,9 @@ async def chat_completions(request: Request) -> Response:
         stream = fields.boolean("stream")
         include_usage = _stream_options(fields)
         max_tokens = fields.max_tokens("max_completion_tokens", "max_tokens")
+        grammar = request_grammar(fields.body, service.model.model, service.grammars)
         config = fields.stream_config(temperature=1.0, max_tokens=max_tokens, logprobs=want_lp,
-                                      top_logprobs=n_top or 0)
+                                      top_logprobs=n_top or 0, grammar=grammar)
         try:
             prompt = service.model.model.apply_chat_template(messages, add_generation_prompt=True)
         except (MullamaError, ValueError, TypeError) as exc:
