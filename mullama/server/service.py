@@ -180,6 +180,13 @@ class Service:
         self.metrics.add_gauge("mullama_prefix_cache_tokens",
                                "Tokens whose KV cells idle slots keep now for the prefix cache.",
                                lambda: sum(model.prefix_cache_stats()["cached_tokens"]))
+        self.metrics.add_gauge("mullama_grammar_cache_hits",
+                               "Request constraints (schemas, grammars) found already converted and parsed.",
+                               lambda: self.grammars.hits)
+        self.metrics.add_gauge("mullama_grammar_cache_misses",
+                               "Schemas converted to GBNF and grammars parsed, so far (each distinct text once "
+                               "while it stays in the cache).",
+                               lambda: self.grammars.misses)
 
     @property
     def max_prompt_chars(self) -> int:
