@@ -24,6 +24,7 @@ from mullama.errors import (
     QueueFullError,
     StreamingError,
     TemplateError,
+    GrammarError,
     TokenizerError,
     StateError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "GenerationError",
     "StreamingError",
     "TemplateError",
+    "GrammarError",
     "TokenizerError",
     "StateError",
     "DefaultModelMissingError",

@@ -37,8 +37,9 @@ class TokenIterator(Iterator[TokenData]):
     """
 
     def __init__(self, context: "Context", prompt: np.ndarray, max_tokens: int, sampler: tuple,
-                 stops: list[bytes], logprobs: bool, top_logprobs: int) -> None:
+                 stops: list[bytes], logprobs: bool, top_logprobs: int, grammar: Any = None) -> None:
         self._context = context
+        self._grammar = grammar
         self._prompt = prompt
         self._max_tokens = max_tokens
         self._sampler = sampler
@@ -121,7 +122,7 @@ class TokenIterator(Iterator[TokenData]):
             self._finish("length")
             return
         self._request = ctx._request(self._prompt, self._max_tokens, self._sampler, self._stops,
-                                     self._logprobs, self._top)
+                                     self._logprobs, self._top, grammar=self._grammar)
 
     def _finish(self, reason: str) -> None:
         if self._done:

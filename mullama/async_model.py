@@ -260,7 +260,8 @@ class AsyncModel:
         return Request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
                        n_ctx or self._n_ctx, TokenRing(config.buffer_size), self._model.n_vocab,
                        config.top_logprobs, self._prefix_cache, self._prefix_cache, None,
-                       state.data if state is not None else None, state.n_cached if state is not None else 0)
+                       state.data if state is not None else None, state.n_cached if state is not None else 0,
+                       self._model.grammar_for(params))
 
     def _submit(self, prompt: Prompt | None, config: StreamConfig, n: int = 1,
                 state: SequenceState | None = None) -> tuple[list[_Job] | None, int]:

@@ -177,13 +177,14 @@ class Context:
 
     def _request(self, ids: np.ndarray, max_tokens: int, sampler: tuple, stops: list[bytes], logprobs: bool,
                  top: int, buffer_size: int = 1, logits_out: np.ndarray | None = None,
-                 state: SequenceState | None = None) -> Request:
+                 state: SequenceState | None = None, grammar: Any = None) -> Request:
         """Queue a generation on this context's engine (lock held): it starts at the next step."""
         reuse = self.reuse_prefix or self._reuse_once
         self._reuse_once = False
         request = Request(ids, max_tokens, sampler, stops, logprobs, self._n_ctx, TokenRing(buffer_size),
                           self._model.n_vocab, top, reuse, self.reuse_prefix, logits_out,
-                          state.data if state is not None else None, state.n_cached if state is not None else 0)
+                          state.data if state is not None else None, state.n_cached if state is not None else 0,
+                          grammar)
         self._live_engine().submit(request)
         self._current = request
         return request
@@ -314,7 +315,8 @@ class Context:
         self._live_engine()
         ids = self._prompt_ids(prompt)
         sampler = params.native(self._model.n_vocab, self._seed)
-        return TokenIterator(self, ids, max_tokens, sampler, stops, bool(logprobs), top)
+        grammar = self._model.grammar_for(params)
+        return TokenIterator(self, ids, max_tokens, sampler, stops, bool(logprobs), top, grammar)
 
     def generate_stream(
         self,

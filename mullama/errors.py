@@ -18,6 +18,7 @@ __all__ = [
     "GenerationError",
     "StreamingError",
     "TemplateError",
+    "GrammarError",
     "TokenizerError",
     "StateError",
     "QueueFullError",
@@ -71,6 +72,11 @@ class QueueFullError(MullamaError, RuntimeError):
 
 class TemplateError(MullamaError, ValueError):
     """A chat template could not be applied."""
+
+
+class GrammarError(MullamaError, ValueError):
+    """A grammar (GBNF text, or one made from a JSON Schema) was refused: the parser's
+    message says where and why."""
 
 
 class TokenizerError(MullamaError, RuntimeError):

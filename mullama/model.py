@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -13,12 +14,14 @@ import numpy as np
 
 from mullama import errors
 from mullama._engine._model import ModelHandle
+from mullama._engine._sampler import Grammar
 from mullama.chat_template import looks_like_jinja, render_chat_template
 from mullama.gguf_check import validate_gguf_file
 
 __all__ = ["Model"]
 
 TokenIds = Sequence[int] | np.ndarray
+GRAMMAR_CACHE = 32
 
 
 def as_token_array(ids: Any, n_vocab: int, what: str = "token ids") -> np.ndarray:
@@ -87,6 +90,7 @@ class Model:
         self._metadata: dict[str, str] | None = None
         self._contexts: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._grammars: OrderedDict[tuple[str, tuple[str, ...]], Grammar] = OrderedDict()
 
     @classmethod
     def load(
@@ -119,6 +123,8 @@ class Model:
         """Free the model and every context made from it. Safe to call twice."""
         for ctx in list(self._contexts):
             ctx.close()
+        with self._lock:
+            self._grammars.clear()
         self._handle.close()
 
     @property
@@ -298,6 +304,38 @@ class Model:
             pairs.append((role.encode("utf-8"), content.encode("utf-8")))
         out = self._handle.apply_chat_template(tmpl.encode("utf-8"), pairs, bool(add_generation_prompt))
         return out.decode("utf-8", "replace")
+
+    # ------------------------------------------------------------ grammars
+
+    def compile_grammar(self, gbnf: str, triggers: Sequence[str] = ()) -> Grammar:
+        """Parse GBNF text (start rule ``root``) for this model's vocabulary.
+
+        Raises :class:`GrammarError` with the parser's message when the text is not a
+        valid grammar. ``triggers`` (regex patterns) make it lazy, as in
+        :class:`SamplerParams`. ``Grammar.accepts(token_ids)`` tells whether tokens
+        form a complete sentence of it. Parsed grammars are kept (the last
+        ``GRAMMAR_CACHE`` distinct ones), so a repeated constraint is parsed once."""
+        if self.closed:
+            raise errors.ClosedError("the model is closed")
+        if not isinstance(gbnf, str):
+            raise TypeError(f"grammar must be str, got {type(gbnf).__name__}")
+        key = (gbnf, tuple(triggers))
+        with self._lock:
+            found = self._grammars.get(key)
+            if found is not None:
+                self._grammars.move_to_end(key)
+                return found
+        grammar = Grammar(self._handle, gbnf, key[1])
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.popitem(last=False)
+        return grammar
+
+    def grammar_for(self, params: Any) -> Grammar | None:
+        """The parsed grammar a :class:`SamplerParams` asks for, or None."""
+        text = params.grammar_text
+        return None if text is None else self.compile_grammar(text, params.grammar_triggers)
 
     def _special_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.token_to_piece(token_id, special=True).decode("utf-8", "replace")

@@ -6,11 +6,13 @@ could trip an assertion and kill the process. Messages name the parameter.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Mapping
 
-__all__ = ["SamplerParams", "check_max_tokens", "normalize_stop"]
+__all__ = ["SamplerParams", "check_max_tokens", "normalize_stop", "schema_grammar"]
 
 _UINT32 = 0xFFFFFFFF
 MAX_STOP_SEQUENCES = 64
@@ -48,6 +50,20 @@ class SamplerParams:
     typical-p, top-p, min-p, temperature, then a seeded random draw. ``seed``
     of None means a fresh random seed for every generation (unless the context
     has a seed of its own).
+
+    Constraints (at most one of the two):
+
+    - ``grammar``: GBNF text (start rule ``root``) every generated text must follow;
+    - ``json_schema``: a JSON Schema (dict, or ``True`` for any JSON value) the output
+      must be an instance of; it becomes a grammar here, and a keyword outside the
+      supported subset raises ``ValueError`` naming it.
+
+    The stream's own choice is checked against the grammar and replaced only when
+    the grammar rejects it; generation can end only where the grammar may end.
+    Reported log-probabilities stay the model's own, unconstrained ones.
+    ``grammar_triggers`` (regex patterns) makes the grammar lazy: the text is free
+    until a pattern matches the output from its start, and the grammar holds from
+    the pattern's first capture group on (tool calls that the model may or may not make).
     """
 
     temperature: float = 0.8
@@ -61,6 +77,10 @@ class SamplerParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+    json_schema: Mapping[str, Any] | bool | None = None
+    grammar_triggers: tuple[str, ...] = ()
+    _gbnf: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         t = _finite("temperature", self.temperature)
@@ -92,6 +112,32 @@ class SamplerParams:
             b = float(bias)
             if math.isnan(b):
                 raise ValueError(f"logit_bias for token {tok} is NaN")
+        object.__setattr__(self, "_gbnf", self._constraint())
+
+    def _constraint(self) -> str | None:
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("give either grammar or json_schema, not both")
+        if isinstance(self.grammar_triggers, str) or not isinstance(self.grammar_triggers, (tuple, list)):
+            raise TypeError("grammar_triggers must be a tuple of regex strings")
+        object.__setattr__(self, "grammar_triggers", tuple(self.grammar_triggers))
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                raise TypeError(f"grammar must be GBNF text (str), got {type(self.grammar).__name__}")
+            if not self.grammar.strip():
+                raise ValueError("grammar is empty")
+            return self.grammar
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, (Mapping, bool)):
+                raise TypeError(f"json_schema must be a dict (or a bool), got {type(self.json_schema).__name__}")
+            return schema_grammar(self.json_schema)
+        if self.grammar_triggers:
+            raise ValueError("grammar_triggers needs a grammar or json_schema")
+        return None
+
+    @property
+    def grammar_text(self) -> str | None:
+        """The GBNF every generated text must follow (from ``grammar`` or ``json_schema``), or None."""
+        return self._gbnf
 
     def replace(self, **changes: Any) -> "SamplerParams":
         """A copy with some fields changed (validated again)."""
@@ -154,3 +200,19 @@ def normalize_stop(stop: Any) -> list[bytes]:
     if len(out) > MAX_STOP_SEQUENCES:
         raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(out)}")
     return out
+
+
+def schema_grammar(schema: Mapping[str, Any] | bool) -> str:
+    """The GBNF for a JSON Schema (converted once per distinct schema)."""
+    try:
+        key = json.dumps(schema, allow_nan=False)   # key order kept: properties come out in it
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"json_schema is not JSON: {exc}") from None
+    return _schema_grammar(key)
+
+
+@lru_cache(maxsize=64)
+def _schema_grammar(key: str) -> str:
+    from mullama.grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(json.loads(key))

@@ -173,7 +173,8 @@ class _StreamState:
         sampler = params.native(model.n_vocab, job.seed)
         child = Request(job.prompt, config.max_tokens, sampler, list(config._stops), config.logprobs,
                         job.engine.n_ctx_per_slot, TokenRing(config.buffer_size), model.n_vocab,
-                        config.top_logprobs, False, job.request.keeps_cache)
+                        config.top_logprobs, False, job.request.keeps_cache, None, None, 0,
+                        model.grammar_for(params))
         self._begin_command(2, child)
         return child, config
 

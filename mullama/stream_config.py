@@ -32,6 +32,9 @@ class StreamConfig:
     - ``logprobs``: compute each token's log-probability (True).
     - ``top_logprobs``: also report this many most likely alternatives with
       each token, best first (0; at most 20; needs ``logprobs``).
+    - ``grammar`` / ``json_schema``: constrain the output to GBNF text or to
+      instances of a JSON Schema (see :class:`SamplerParams`); set here or in
+      ``sampler``, not both.
 
     Derive a changed copy with ``config.replace(max_tokens=100)``.
     """
@@ -47,6 +50,8 @@ class StreamConfig:
     sampler: SamplerParams | None = None
     logprobs: bool = True
     top_logprobs: int = 0
+    grammar: str | None = None
+    json_schema: Any = None
     _stops: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +83,12 @@ class StreamConfig:
 
     def sampler_params(self) -> SamplerParams:
         base = self.sampler or SamplerParams()
-        return base.replace(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        changes: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        if self.grammar is not None or self.json_schema is not None:
+            if base.grammar is not None or base.json_schema is not None:
+                raise ValueError("the constraint is set twice: in StreamConfig and in its sampler")
+            changes.update(grammar=self.grammar, json_schema=self.json_schema)
+        return base.replace(**changes)
 
     @property
     def timeout(self) -> float:

@@ -7,6 +7,7 @@
 
 #include "mll_guard.h"
 
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -180,6 +181,96 @@ llama_sampler * mll_sampler_init_grammar(const llama_vocab * vocab, const char *
                                          const char * grammar_root) noexcept {
     return guarded<llama_sampler *>(nullptr,
                                     [&] { return llama_sampler_init_grammar(vocab, grammar_str, grammar_root); });
+}
+
+llama_sampler * mll_sampler_init_grammar_lazy_patterns(const llama_vocab * vocab, const char * grammar_str,
+                                                       const char * grammar_root, const char ** trigger_patterns,
+                                                       size_t num_trigger_patterns) noexcept {
+    return guarded<llama_sampler *>(nullptr, [&] {
+        return llama_sampler_init_grammar_lazy_patterns(vocab, grammar_str, grammar_root, trigger_patterns,
+                                                        num_trigger_patterns, nullptr, 0);
+    });
+}
+
+llama_sampler * mll_sampler_clone(const llama_sampler * smpl) noexcept {
+    return guarded<llama_sampler *>(nullptr, [&] { return llama_sampler_clone(smpl); });
+}
+
+// ---- grammar-constrained sampling
+
+namespace {
+
+bool grammar_allows(llama_sampler * grammar, llama_token token) {
+    llama_token_data one = {token, 0.0f, 0.0f};
+    llama_token_data_array arr = {&one, 1, -1, false};
+    llama_sampler_apply(grammar, &arr);
+    return one.logit != -INFINITY;
+}
+
+void fill_candidates(llama_token_data * cand, const float * logits, int32_t n_vocab) {
+    for (int32_t i = 0; i < n_vocab; i++) {
+        cand[i] = {i, logits[i], 0.0f};
+    }
+}
+
+// The chain's choice from `arr` (its last sampler, greedy or dist, sets `selected`).
+llama_token chain_choice(llama_sampler * chain, llama_token_data_array & arr) {
+    llama_sampler_apply(chain, &arr);
+    if (arr.selected < 0 || static_cast<size_t>(arr.selected) >= arr.size) {
+        throw std::logic_error("the sampler chain selected no token");
+    }
+    return arr.data[arr.selected].id;
+}
+
+}  // namespace
+
+int mll_grammar_allows(llama_sampler * grammar, llama_token token) noexcept {
+    return guarded<int>(-1, [&] { return grammar_allows(grammar, token) ? 1 : 0; });
+}
+
+llama_token mll_sample_constrained(const llama_vocab * vocab, const float * logits, int32_t n_vocab,
+                                   llama_sampler * chain, llama_sampler * grammar, llama_token greedy_token,
+                                   llama_token_data * cand, int * full_pass) noexcept {
+    return guarded<llama_token>(LLAMA_TOKEN_NULL, [&]() -> llama_token {
+        *full_pass = 0;
+        llama_token token = greedy_token;
+        llama_token_data_array arr = {cand, static_cast<size_t>(n_vocab), -1, false};
+        if (chain != nullptr) {
+            fill_candidates(cand, logits, n_vocab);
+            token = chain_choice(chain, arr);
+        }
+        if (!grammar_allows(grammar, token)) {
+            *full_pass = 1;
+            fill_candidates(cand, logits, n_vocab);
+            arr = {cand, static_cast<size_t>(n_vocab), -1, false};
+            llama_sampler_apply(grammar, &arr);
+            token = LLAMA_TOKEN_NULL;
+            float best = -INFINITY;
+            for (size_t i = 0; i < arr.size; i++) {
+                if (arr.data[i].logit > best) {
+                    best = arr.data[i].logit;
+                    token = arr.data[i].id;
+                }
+            }
+            if (token == LLAMA_TOKEN_NULL) {
+                return MLL_NO_TOKEN;
+            }
+            if (chain != nullptr) {
+                token = chain_choice(chain, arr);
+                // a logit bias of -inf can ban every token the grammar allows
+                if (!(arr.data[arr.selected].logit > -INFINITY)) {
+                    return MLL_NO_TOKEN;
+                }
+            }
+        }
+        if (chain != nullptr) {
+            llama_sampler_accept(chain, token);
+        }
+        if (!llama_vocab_is_eog(vocab, token)) {
+            llama_sampler_accept(grammar, token);
+        }
+        return token;
+    });
 }
 
 // ---- sequence state

@@ -118,6 +118,44 @@ MLL_GUARD_API struct llama_sampler * mll_sampler_init_grammar(
         const struct llama_vocab * vocab, const char * grammar_str,
         const char * grammar_root) MLL_GUARD_NOEXCEPT;
 
+MLL_GUARD_API struct llama_sampler * mll_sampler_init_grammar_lazy_patterns(
+        const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+        const char ** trigger_patterns, size_t num_trigger_patterns) MLL_GUARD_NOEXCEPT;
+
+MLL_GUARD_API struct llama_sampler * mll_sampler_clone(
+        const struct llama_sampler * smpl) MLL_GUARD_NOEXCEPT;
+
+/* ---- grammar-constrained sampling
+ *
+ * A full grammar pass over a large vocabulary costs more than a decode step
+ * (tens of ms for 262k tokens), while checking one token costs microseconds.
+ * So the stream's own choice comes first and the grammar only judges it; the
+ * whole vocabulary is filtered only when that choice is rejected.
+ */
+
+/* Returned by mll_sample_constrained when the grammar allows no token at all. */
+#define MLL_NO_TOKEN (-2)
+
+/* 1 when `grammar` allows `token` next, 0 when not, -1 on an exception. */
+MLL_GUARD_API int mll_grammar_allows(
+        struct llama_sampler * grammar, llama_token token) MLL_GUARD_NOEXCEPT;
+
+/* The next token from the logits row `logits` (n_vocab values):
+ *  - `chain` is the stream's sampler chain, or NULL for plain greedy, when
+ *    `greedy_token` is the row's argmax (already computed by the caller);
+ *  - the choice is checked against `grammar`; if rejected, the grammar filters
+ *    the whole row (into `cand`, room for n_vocab entries) and the chain (or
+ *    argmax) chooses again among what it allows; *full_pass says so;
+ *  - the chosen token is accepted by the chain and, unless it ends the
+ *    generation (end-of-generation is only allowed where the grammar may end),
+ *    by the grammar.
+ * Returns the token, MLL_NO_TOKEN when nothing is allowed, or LLAMA_TOKEN_NULL
+ * when llama.cpp threw. */
+MLL_GUARD_API llama_token mll_sample_constrained(
+        const struct llama_vocab * vocab, const float * logits, int32_t n_vocab,
+        struct llama_sampler * chain, struct llama_sampler * grammar, llama_token greedy_token,
+        llama_token_data * cand, int * full_pass) MLL_GUARD_NOEXCEPT;
+
 /* ---- sequence state */
 
 MLL_GUARD_API size_t mll_state_seq_get_size(

@@ -3,7 +3,8 @@
 
 from libc.stdint cimport int32_t, int64_t, uint64_t
 
-from mullama._engine._llama cimport llama_context, llama_vocab, llama_batch, llama_sampler, llama_token, c_bool
+from mullama._engine._llama cimport (llama_context, llama_vocab, llama_batch, llama_sampler, llama_token,
+                                    llama_token_data, c_bool)
 from mullama._engine._mll cimport mll_bell, mll_ring, mll_rows, mll_row_job
 from mullama._engine._pipe cimport TextPipe
 
@@ -11,6 +12,9 @@ from mullama._engine._pipe cimport TextPipe
 cdef struct Req:
     Req * next                    # FIFO link while queued
     llama_sampler * smpl          # NULL: greedy argmax
+    llama_sampler * grammar       # NULL: unconstrained; else checks each chosen token (mll_sample_constrained)
+    llama_token_data * cand       # n_vocab candidates for the grammar's full pass (with a grammar only)
+    int32_t n_grammar_full        # tokens whose first choice the grammar rejected
     llama_token * prompt
     int32_t n_prompt
     int32_t prefill_pos           # prompt tokens whose keys/values are in the cache
@@ -66,6 +70,7 @@ cdef enum:
     CMD_NOMEM = -3
     CMD_FAILED = -4               # llama.cpp refused (mll_guard_error or its log says why)
     ERR_STATE = 5                 # a request's snapshot could not be restored
+    ERR_GRAMMAR = 6               # the grammar allowed no token at all
 
 
 cdef struct EngineState:
@@ -92,6 +97,8 @@ cdef struct EngineState:
     int64_t n_reused_tokens       # prompt tokens not evaluated thanks to the cache
     int64_t decode_ns             # time inside llama_decode
     int64_t sample_ns             # time sampling and handing tokens out after each decode
+    int64_t n_grammar_tokens      # tokens chosen under a grammar
+    int64_t n_grammar_full        # of those, the ones that needed the full grammar pass
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
     int32_t slot_cells            # KV cells of one slot's sequence

@@ -20,7 +20,8 @@ from mullama._engine._llama cimport *
 from mullama._engine._mll cimport *
 from mullama._engine._pipe cimport *
 from mullama._engine._guard cimport (mll_decode, mll_state_seq_get_size, mll_state_seq_get_data,
-                                     mll_state_seq_set_data, MLL_CXX_ERROR)
+                                     mll_state_seq_set_data, MLL_CXX_ERROR, mll_sampler_clone,
+                                     mll_sample_constrained, MLL_NO_TOKEN)
 
 
 cdef enum:
@@ -445,8 +446,16 @@ cdef int _fork(EngineState * e, Req * r, Req * c) noexcept nogil:
     cdef int slot, i
     cdef int32_t p, n
     cdef llama_token * grown
+    cdef llama_sampler * grammar
     if e.n_active >= e.n_slots:
         return CMD_NO_SLOT
+    if r.grammar != NULL and c.grammar != NULL:
+        # the branch continues the parent's sentence: its grammar state, not a fresh one
+        grammar = mll_sampler_clone(r.grammar)
+        if grammar == NULL:
+            return CMD_FAILED
+        llama_sampler_free(c.grammar)
+        c.grammar = grammar
     slot = _pick_slot(e, c, &p)
     _attach(e, slot, c, 0)
     if r.prefill_pos < r.n_prompt:
@@ -504,7 +513,17 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     cdef float logprob = 0.0
     cdef int rc
     cdef mll_tok_rec * rec
-    cdef llama_token tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
+    cdef int full = 0
+    cdef llama_token tok
+    if r.grammar == NULL:
+        tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
+    else:
+        tok = mll_sample_constrained(e.vocab, job.logits, e.n_vocab, r.smpl, r.grammar, job.argmax, r.cand, &full)
+        e.n_grammar_tokens += 1
+        e.n_grammar_full += full
+        r.n_grammar_full += full
+        if tok == MLL_NO_TOKEN:
+            return ERR_GRAMMAR
     if tok < 0:
         keep_guard_error(r.err_text, sizeof(r.err_text))
         return ERR_CXX

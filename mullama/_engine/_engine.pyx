@@ -21,7 +21,7 @@ from mullama._engine._pipe cimport *
 from mullama._engine._text cimport StopSet
 from mullama._engine._model cimport ModelHandle
 from mullama._engine._ring cimport TokenRing
-from mullama._engine._sampler cimport make_sampler
+from mullama._engine._sampler cimport make_sampler, Grammar
 from mullama._engine._core cimport *
 from mullama._engine._guard cimport mll_init_from_model, mll_guard_error
 from mullama import errors
@@ -34,6 +34,8 @@ cdef class Request:
     the longest prefix of the prompt an idle slot still holds; ``keep``: leave
     the cells in the slot when it ends. ``logits_out``: a float32 array of
     ``n_vocab`` values that receives the logits the first token is sampled from.
+    ``grammar``: a parsed :class:`Grammar` the generated tokens must follow (the
+    request takes its own copy of the grammar's state).
     """
 
     cdef Req r
@@ -41,13 +43,14 @@ cdef class Request:
     cdef StopSet _stops
     cdef object _logits_out
     cdef object _state
+    cdef Grammar _grammar
     cdef list _kids
     cdef object __weakref__
 
     def __cinit__(self, const int[:] prompt not None, int max_tokens, tuple sampler, list stops,
                   bint want_logprob, int n_ctx_limit, TokenRing ring not None, int n_vocab,
                   int n_top=0, bint reuse=False, bint keep=False, float[::1] logits_out=None,
-                  bytes state=None, int state_n_kv=0):
+                  bytes state=None, int state_n_kv=0, Grammar grammar=None):
         cdef Py_ssize_t n = prompt.shape[0]
         if n <= 0:
             raise ValueError("the prompt is empty")
@@ -88,10 +91,21 @@ cdef class Request:
         if pipe_reserve(&self.r.pipe, 256) < 0:
             raise MemoryError()
         self.r.smpl = make_sampler(sampler, n_vocab, n_ctx_limit, prompt)
+        if grammar is not None:
+            if grammar.model.n_vocab != n_vocab:
+                raise ValueError("the grammar was parsed for another model's vocabulary")
+            self._grammar = grammar
+            self.r.cand = <llama_token_data *> malloc(n_vocab * sizeof(llama_token_data))
+            if self.r.cand == NULL:
+                raise MemoryError()
+            self.r.grammar = grammar.clone()
 
     def __dealloc__(self):
         if self.r.smpl != NULL:
             llama_sampler_free(self.r.smpl)
+        if self.r.grammar != NULL:
+            llama_sampler_free(self.r.grammar)
+        free(self.r.cand)
         free(self.r.prompt)
         free(self.r.snap_data)
         free(self.r.snap_tokens)
@@ -151,6 +165,11 @@ cdef class Request:
         return self.r.n_generated
 
     @property
+    def n_grammar_full(self) -> int:
+        """Tokens whose first choice the grammar rejected (each cost a pass over the vocabulary)."""
+        return self.r.n_grammar_full
+
+    @property
     def stop_index(self):
         """Which stop string ended the generation, or None."""
         return self.r.pipe.stop.matched_index if self.r.pipe.stop.matched else None
@@ -169,6 +188,9 @@ cdef class Request:
         if self.r.err == ERR_STATE:
             return errors.StateError("llama.cpp refused the snapshot's cells for this engine "
                                      "(a different model or context layout)")
+        if self.r.err == ERR_GRAMMAR:
+            return errors.GenerationError("the grammar allows no token at this point (every token it "
+                                          "allows was banned, or the grammar can neither go on nor end)")
         if self.r.err == ERR_CXX:
             return errors.cxx_exception("generation", self.r.err_text.decode("utf-8", "replace"),
                                         errors.GenerationError)
@@ -344,6 +366,8 @@ cdef class Engine:
     def submit(self, Request req not None):
         """Queue ``req``; raises QueueFullError when ``max_queue`` requests already wait."""
         self._check_open()
+        if req._grammar is not None and req._grammar.model.vocab != self.e.vocab:
+            raise ValueError("the request's grammar was parsed for another model")
         with self._lock:
             for key in [k for k, v in self._inflight.items() if (<Request> v).r.done]:
                 del self._inflight[key]
@@ -520,6 +544,11 @@ cdef class Engine:
     def prefix_stats(self) -> dict:
         """Admissions that reused cached tokens, and how many prompt tokens they skipped."""
         return {"hits": self.e.n_prefix_hits, "reused_tokens": self.e.n_reused_tokens}
+
+    @property
+    def grammar_stats(self) -> dict:
+        """Tokens chosen under a grammar, and how many needed the full pass over the vocabulary."""
+        return {"tokens": self.e.n_grammar_tokens, "full_passes": self.e.n_grammar_full}
 
     @property
     def timing(self) -> dict:

@@ -6,7 +6,7 @@ from libc.stdint cimport int32_t, uint8_t
 
 from mullama._engine._llama cimport (
     llama_batch, llama_chat_message, llama_context, llama_context_params, llama_model,
-    llama_model_params, llama_sampler, llama_seq_id, llama_token, llama_vocab,
+    llama_model_params, llama_sampler, llama_seq_id, llama_token, llama_token_data, llama_vocab,
 )
 
 cdef extern from "mullama/mll_guard.h" nogil:
@@ -42,6 +42,18 @@ cdef extern from "mullama/mll_guard.h" nogil:
     int mll_sampler_accept(llama_sampler * smpl, llama_token token)
     llama_sampler * mll_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
                                              const char * grammar_root)
+    llama_sampler * mll_sampler_init_grammar_lazy_patterns(const llama_vocab * vocab, const char * grammar_str,
+                                                           const char * grammar_root,
+                                                           const char ** trigger_patterns,
+                                                           size_t num_trigger_patterns)
+    llama_sampler * mll_sampler_clone(const llama_sampler * smpl)
+
+    # grammar-constrained sampling
+    int MLL_NO_TOKEN
+    int mll_grammar_allows(llama_sampler * grammar, llama_token token)
+    llama_token mll_sample_constrained(const llama_vocab * vocab, const float * logits, int32_t n_vocab,
+                                       llama_sampler * chain, llama_sampler * grammar,
+                                       llama_token greedy_token, llama_token_data * cand, int * full_pass)
 
     # sequence state
     size_t mll_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)

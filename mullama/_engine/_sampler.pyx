@@ -4,8 +4,14 @@
 from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 
+import re
+
 from mullama._engine._llama cimport *
-from mullama._engine._guard cimport mll_sampler_accept, mll_guard_error
+from mullama._engine._guard cimport (mll_sampler_accept, mll_guard_error, mll_sampler_init_grammar,
+                                     mll_sampler_init_grammar_lazy_patterns, mll_sampler_clone,
+                                     mll_grammar_allows)
+from mullama._engine._model cimport ModelHandle
+from mullama._engine._model import take_log
 from mullama import errors
 
 
@@ -62,3 +68,147 @@ cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, con
     llama_sampler_chain_add(chain, llama_sampler_init_temp(temperature))
     llama_sampler_chain_add(chain, llama_sampler_init_dist(<uint32_t> seed))
     return chain
+
+
+# A grammar's source is parsed by recursive descent: deep nesting could exhaust the C
+# stack, which no exception handler survives. These bounds leave ample room for the
+# grammars JSON Schemas and tool calls produce.
+MAX_GRAMMAR_BYTES = 1 << 20
+MAX_GRAMMAR_NESTING = 200
+MAX_GRAMMAR_TRIGGERS = 64
+
+
+def _nesting_depth(str text) -> int:
+    """Deepest parenthesis nesting outside string literals, character classes and comments."""
+    cdef Py_ssize_t i = 0, n = len(text)
+    cdef int depth = 0, deepest = 0
+    cdef Py_UCS4 c, quote
+    while i < n:
+        c = text[i]
+        if c == '#':
+            while i < n and text[i] != '\n':
+                i += 1
+        elif c == '"' or c == '[':
+            quote = '"' if c == '"' else ']'
+            i += 1
+            while i < n and text[i] != quote:
+                i += 2 if text[i] == '\\' else 1
+        elif c == '(':
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ')':
+            depth -= 1
+        i += 1
+    return deepest
+
+
+cdef class Grammar:
+    """A GBNF grammar parsed for one model's vocabulary (start rule ``root``).
+
+    Parsing happens once, here; every constrained request clones this prototype.
+    ``triggers`` makes the grammar lazy: free generation until one of these regex
+    patterns matches the output from its start, then the grammar applies to the text
+    from the pattern's first capture group on."""
+
+    def __cinit__(self, ModelHandle model not None, str text, triggers=()):
+        cdef bytes source
+        cdef list patterns
+        cdef const char ** c_patterns = NULL
+        cdef size_t n_patterns, i
+        model.check_open()
+        self.proto = NULL
+        self.model = model
+        self.text = text
+        self.triggers = tuple(triggers)
+        if not text.strip():
+            raise errors.GrammarError("the grammar is empty")
+        if "\0" in text:
+            raise errors.GrammarError("the grammar contains a NUL character")
+        source = text.encode("utf-8")
+        if len(source) > MAX_GRAMMAR_BYTES:
+            raise errors.GrammarError(f"the grammar is {len(source)} bytes; at most {MAX_GRAMMAR_BYTES} are allowed")
+        depth = _nesting_depth(text)
+        if depth > MAX_GRAMMAR_NESTING:
+            raise errors.GrammarError(f"the grammar nests parentheses {depth} deep; at most "
+                                      f"{MAX_GRAMMAR_NESTING} levels are allowed")
+        if len(self.triggers) > MAX_GRAMMAR_TRIGGERS:
+            raise errors.GrammarError(f"at most {MAX_GRAMMAR_TRIGGERS} trigger patterns are allowed")
+        patterns = []
+        for t in self.triggers:
+            if not isinstance(t, str) or not t or "\0" in t:
+                raise errors.GrammarError(f"a grammar trigger must be a non-empty regex string, got {t!r}")
+            try:
+                re.compile(t)
+            except re.error as exc:
+                raise errors.GrammarError(f"grammar trigger {t!r} is not a valid regex: {exc}") from None
+            patterns.append(t.encode("utf-8"))
+        n_patterns = len(patterns)
+        take_log()
+        if n_patterns:
+            c_patterns = <const char **> malloc(n_patterns * sizeof(const char *))
+            if c_patterns == NULL:
+                raise MemoryError()
+            for i in range(n_patterns):
+                c_patterns[i] = <const char *> (<bytes> patterns[i])
+            self.proto = mll_sampler_init_grammar_lazy_patterns(model.vocab, source, b"root", c_patterns, n_patterns)
+            free(c_patterns)
+        else:
+            self.proto = mll_sampler_init_grammar(model.vocab, source, b"root")
+        if self.proto == NULL:
+            if mll_guard_error()[0] != 0:
+                detail = mll_guard_error().decode("utf-8", "replace")
+            else:
+                lines = [ln.strip() for ln in take_log().splitlines() if ln.strip()]
+                detail = "; ".join(lines[-3:]) or "llama.cpp refused it"
+            raise errors.GrammarError(f"invalid grammar: {detail}")
+
+    def __dealloc__(self):
+        if self.proto != NULL:
+            llama_sampler_free(self.proto)
+            self.proto = NULL
+
+    cdef llama_sampler * clone(self) except NULL:
+        """A fresh copy of the parsed grammar for one request (the caller owns it)."""
+        cdef llama_sampler * copy = mll_sampler_clone(self.proto)
+        if copy == NULL:
+            raise errors.cxx_exception("copying a grammar", mll_guard_error().decode("utf-8", "replace"),
+                                       errors.GenerationError)
+        return copy
+
+    def accepts(self, tokens) -> bool:
+        """Whether the token ids form a complete sentence of the grammar: each is allowed
+        where it stands, and generation may end after the last."""
+        cdef llama_sampler * g
+        cdef int ok = 1, rc
+        cdef llama_token eos
+        self.model.check_open()
+        ids = []
+        for t in tokens:
+            self.model._check_id(t)
+            ids.append(int(t))
+        eos = llama_vocab_eos(self.model.vocab)
+        if eos < 0:
+            eos = llama_vocab_eot(self.model.vocab)
+        if eos < 0:
+            raise errors.GrammarError("the model has no end-of-generation token to test the grammar's end with")
+        g = self.clone()
+        try:
+            for t in ids:
+                rc = mll_grammar_allows(g, t)
+                if rc == 1:
+                    rc = mll_sampler_accept(g, t)
+                    if rc < 0:
+                        raise errors.cxx_exception("checking a grammar", mll_guard_error().decode("utf-8", "replace"),
+                                                   errors.GrammarError)
+                    continue
+                if rc < 0:
+                    raise errors.cxx_exception("checking a grammar", mll_guard_error().decode("utf-8", "replace"),
+                                               errors.GrammarError)
+                return False
+            rc = mll_grammar_allows(g, eos)
+            if rc < 0:
+                raise errors.cxx_exception("checking a grammar", mll_guard_error().decode("utf-8", "replace"),
+                                           errors.GrammarError)
+            return rc == 1
+        finally:
+            llama_sampler_free(g)
