@@ -129,7 +129,7 @@ BAD = [
     ("/v1/completions", {"grammar": 7}, "grammar", "'grammar' must be a string"),
     ("/v1/completions", {"grammar": YES_NO, "response_format": {"type": "json_object"}}, "grammar",
      "cannot be combined"),
-    ("/v1/chat/completions", {"json_schema": POINT, "grammar": YES_NO}, "grammar", "cannot be combined"),
+    ("/v1/chat/completions", {"json_schema": POINT, "grammar": YES_NO}, "json_schema", "cannot be combined"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": POINT}}},
      "response_format", "'response_format.json_schema.name' is required"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_shema": {"name": "p", "schema": POINT}}},

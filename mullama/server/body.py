@@ -155,7 +155,7 @@ class Fields:
         repeat = self.number("repeat_penalty", 1.0, 0.01, 10.0)
         stop = self.stop()
         sampler = SamplerParams(min_p=min_p, seed=seed, presence_penalty=presence, frequency_penalty=frequency,
-                                repeat_penalty=repeat, **({"grammar": grammar} if grammar else {}))
+                                repeat_penalty=repeat, grammar=grammar)
         try:
             return StreamConfig(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p,
                                 stop_sequences=stop, buffer_size=self.settings.buffer_size,

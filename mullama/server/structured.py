@@ -30,6 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, Mapping, Protocol, TypeVar
 
+from mullama.params import schema_grammar
 from mullama.server.errors import ApiError
 
 __all__ = ["Constraint", "GrammarCache", "parse_constraint", "request_grammar", "ANY_OBJECT_SCHEMA"]
@@ -38,7 +39,7 @@ __all__ = ["Constraint", "GrammarCache", "parse_constraint", "request_grammar", 
 ANY_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 FORMAT_TYPES = ("text", "json_object", "json_schema")
-CACHE_SIZE = 64
+CACHE_SIZE = 32  # as many parsed grammars as a Model keeps
 
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
@@ -94,12 +95,6 @@ class _Outcome:
     error: str | None = None
 
 
-def _default_converter(schema: Mapping[str, Any] | bool) -> str:
-    from mullama.grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf(schema)
-
-
 class GrammarCache:
     """Schema-to-GBNF conversions and grammar parses, each done once per distinct text.
 
@@ -109,7 +104,7 @@ class GrammarCache:
     """
 
     def __init__(self, capacity: int = CACHE_SIZE,
-                 converter: Callable[[Mapping[str, Any] | bool], str] = _default_converter) -> None:
+                 converter: Callable[[Mapping[str, Any] | bool], str] = schema_grammar) -> None:
         self._schemas: _Lru[str, _Outcome] = _Lru(capacity)
         self._grammars: _Lru[str, _Outcome] = _Lru(capacity)
         self._convert = converter
@@ -134,7 +129,8 @@ class GrammarCache:
     def schema_to_gbnf(self, schema: Mapping[str, Any] | bool) -> _Outcome:
         """The GBNF of a JSON Schema, or the converter's error message."""
         try:
-            key = json.dumps(schema, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            # key order kept: the properties of an object come out in it
+            key = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError, RecursionError):
             return _Outcome(error="it is not plain JSON")
         return self._lookup(self._schemas, key, lambda: self._convert(schema))
