@@ -12,7 +12,8 @@ from websockets.sync.client import connect
 pytestmark = pytest.mark.timeout(180)
 
 YES_NO = 'root ::= "yes" | "no"'
-POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "y": {"type": "integer", "minimum": 0, "maximum": 99}},
          "required": ["x", "y"], "additionalProperties": False}
 CHAT = [{"role": "user", "content": "Give me a point with small integer coordinates x and y."}]
 
@@ -139,10 +140,12 @@ BAD = [
      "must be a JSON Schema"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "p", "schema": {"type": "object", "properties": {"a": {"type": "strnig"}}}}}},
-     "response_format", "strnig"),
+     "response_format", "'type' must be one of"),
+    ("/v1/completions", {"json_schema": {"type": "object", "not": {"required": ["a"]}}}, "json_schema",
+     "unsupported keyword 'not'"),
     ("/stream", {"grammar": "root ::= ["}, "grammar", "not a valid GBNF grammar"),
     ("/stream", {"json_schema": {"type": "object", "properties": {"a": {"type": "strnig"}}}}, "json_schema",
-     "strnig"),
+     "(at /properties/a)"),
 ]
 
 

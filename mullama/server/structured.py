@@ -30,13 +30,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, Mapping, Protocol, TypeVar
 
+from mullama.grammar import JSON_OBJECT_SCHEMA
 from mullama.params import schema_grammar
 from mullama.server.errors import ApiError
 
 __all__ = ["Constraint", "GrammarCache", "parse_constraint", "request_grammar", "ANY_OBJECT_SCHEMA"]
 
 # what "json_object" without a schema means: any JSON object, as OpenAI's JSON mode
-ANY_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object"}
+ANY_OBJECT_SCHEMA: Mapping[str, Any] = JSON_OBJECT_SCHEMA
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 CACHE_SIZE = 32  # as many parsed grammars as a Model keeps
