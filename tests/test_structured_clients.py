@@ -57,7 +57,12 @@ PERSON_PROMPT = [
     {"role": "user", "content": "Alice Smith is 31 years old and lives in Paris, France. Her favourite colour is "
                                 "blue. She likes chess and running. Friends call her Ali."},
 ]
-CITY_PROMPT = [{"role": "user", "content": "Rome is the capital of Italy. Give the city and its country."}]
+# one worked example: enough for a small model to fill in the keys the prompt's schema names
+CITY_PROMPT = [
+    {"role": "user", "content": "Rome is the capital of Italy. Give the city and its country."},
+    {"role": "assistant", "content": '{"name": "Rome", "country": "Italy"}'},
+    {"role": "user", "content": "Madrid is the capital of Spain. Give the city and its country."},
+]
 
 
 class Recorder:
@@ -119,9 +124,19 @@ def client(live, http_client):
         yield c
 
 
-def test_openai_parse_nested_model(client, recorder):
-    completion = client.chat.completions.parse(model="mullama", messages=PERSON_PROMPT, response_format=Person,
-                                               temperature=0, max_tokens=MAX_TOKENS)
+@pytest.fixture(scope="module")
+def parsed_person(live):
+    """One greedy ``.parse`` answer (and the body sent for it), shared by the tests that read it."""
+    rec = Recorder()
+    with httpx.Client(event_hooks={"request": [rec.request]}, timeout=240) as http, \
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, http_client=http) as c:
+        completion = c.chat.completions.parse(model="mullama", messages=PERSON_PROMPT, response_format=Person,
+                                              temperature=0, max_tokens=MAX_TOKENS)
+    return completion, rec
+
+
+def test_openai_parse_nested_model(parsed_person):
+    completion, recorder = parsed_person
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"
     person = choice.message.parsed
@@ -129,11 +144,12 @@ def test_openai_parse_nested_model(client, recorder):
     assert isinstance(person.favourite_colour, Colour) and len(person.hobbies) <= 3
     sent = recorder.schema_sent()
     assert recorder.bodies[-1]["response_format"]["json_schema"]["name"] == "Person"
+    assert recorder.bodies[-1]["response_format"]["json_schema"]["strict"] is True
     assert "$defs" in sent  # the nested models and the enum travel as references
     jsonschema.validate(json.loads(choice.message.content), sent)
 
 
-def test_openai_streaming_helper(client, recorder):
+def test_openai_streaming_helper(client, recorder, parsed_person):
     deltas: list[str] = []
     with client.chat.completions.stream(model="mullama", messages=PERSON_PROMPT, response_format=Person,
                                         temperature=0, max_tokens=MAX_TOKENS) as stream:
@@ -148,10 +164,8 @@ def test_openai_streaming_helper(client, recorder):
     assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
     assert "".join(deltas) == choice.message.content
     jsonschema.validate(json.loads(choice.message.content), recorder.schema_sent())
-    # the streamed answer is the greedy answer
-    whole = client.chat.completions.parse(model="mullama", messages=PERSON_PROMPT, response_format=Person,
-                                          temperature=0, max_tokens=MAX_TOKENS)
-    assert whole.choices[0].message.content == choice.message.content
+    # streamed or not, the greedy answer is the same
+    assert choice.message.content == parsed_person[0].choices[0].message.content
 
 
 def test_openai_parse_reports_truncation(client):
@@ -180,7 +194,7 @@ def test_instructor_json_mode(client, recorder):
     ic = instructor.from_openai(client, mode=instructor.Mode.JSON)
     city = ic.chat.completions.create(model="mullama", messages=CITY_PROMPT, response_model=City,
                                       temperature=0, max_tokens=MAX_TOKENS, max_retries=2)
-    assert isinstance(city, City)
+    assert isinstance(city, City) and city.name and city.country
     assert all(b["response_format"] == {"type": "json_object"} for b in recorder.bodies)
     for body in recorder.bodies:  # the schema went inside the system message
         assert '"properties"' in body["messages"][0]["content"]
