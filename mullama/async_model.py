@@ -320,11 +320,13 @@ class AsyncModel:
             ids = self._ids(prompt, state)
             if config.max_tokens == 0:
                 return TokenStream(config, None, lambda: self._release(ctx, None), int(ids.size))
-            sampler = config.sampler_params().native(self._model.n_vocab, ctx.seed)
+            params = config.sampler_params()
+            sampler = params.native(self._model.n_vocab, ctx.seed)
+            grammar = self._model.grammar_for(params)
             with ctx._lock:
                 ctx._begin_generation()
                 request = ctx._request(ids, config.max_tokens, sampler, list(config._stops), config.logprobs,
-                                       config.top_logprobs, config.buffer_size, state=state)
+                                       config.top_logprobs, config.buffer_size, state=state, grammar=grammar)
             producer = _Job(request, ctx, prompt=ids, seed=ctx.seed)
             self._live.add(producer)
             producer.start()

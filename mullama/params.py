@@ -61,9 +61,11 @@ class SamplerParams:
     The stream's own choice is checked against the grammar and replaced only when
     the grammar rejects it; generation can end only where the grammar may end.
     Reported log-probabilities stay the model's own, unconstrained ones.
-    ``grammar_triggers`` (regex patterns) makes the grammar lazy: the text is free
-    until a pattern matches the output from its start, and the grammar holds from
-    the pattern's first capture group on (tool calls that the model may or may not make).
+    ``grammar_triggers`` (regex patterns, ECMAScript syntax) makes the grammar lazy:
+    the text is free until a pattern is found in the output (anywhere; one written
+    ``^...$`` must match all of it), and from the pattern's first non-empty capture
+    group (else the whole match) on the grammar holds: tool calls that the model
+    may or may not make.
     """
 
     temperature: float = 0.8

@@ -4,7 +4,10 @@
 from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport malloc, free
 
+import os
 import re
+import sys
+import tempfile
 
 from mullama._engine._llama cimport *
 from mullama._engine._guard cimport (mll_sampler_accept, mll_guard_error, mll_sampler_init_grammar,
@@ -70,36 +73,65 @@ cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, con
     return chain
 
 
-# A grammar's source is parsed by recursive descent: deep nesting could exhaust the C
-# stack, which no exception handler survives. These bounds leave ample room for the
-# grammars JSON Schemas and tool calls produce.
+# A grammar's source is parsed by recursive descent, and repetitions are expanded into
+# copies of their item: deep nesting could exhaust the C stack, and a repetition such as
+# x{2,1} or x{99999999999} keeps llama.cpp's parser busy for ever. Both are refused before
+# it sees them; the bounds leave ample room for what JSON Schemas and tool calls produce.
 MAX_GRAMMAR_BYTES = 1 << 20
 MAX_GRAMMAR_NESTING = 200
+MAX_GRAMMAR_REPEAT = 10_000
 MAX_GRAMMAR_TRIGGERS = 64
+_PARSER_ERROR = re.compile(r"error parsing grammar: ([^\n]*)")
 
 
-def _nesting_depth(str text) -> int:
-    """Deepest parenthesis nesting outside string literals, character classes and comments."""
-    cdef Py_ssize_t i = 0, n = len(text)
+def _repeat_problem(str body):
+    """What is wrong with the inside of a ``{...}`` repetition, or None."""
+    lo, comma, hi = body.partition(",")
+    lo, hi = lo.strip(), hi.strip()
+    if not lo.isdigit() or (hi and not hi.isdigit()) or (not comma and hi):
+        return f"malformed repetition {{{body}}}"
+    n_lo = int(lo)
+    n_hi = int(hi) if hi else (n_lo if not comma else None)
+    if max(n_lo, n_hi or 0) > MAX_GRAMMAR_REPEAT:
+        return f"repetition {{{body}}} is over the limit of {MAX_GRAMMAR_REPEAT}"
+    if n_hi is not None and n_hi < n_lo:
+        return f"repetition {{{body}}} has its maximum below its minimum"
+    return None
+
+
+def _precheck(str text):
+    """Problems llama.cpp's parser would not survive or would take for ever on, or None.
+    Scans outside string literals, character classes and comments."""
+    cdef Py_ssize_t i = 0, n = len(text), j
     cdef int depth = 0, deepest = 0
-    cdef Py_UCS4 c, quote
+    cdef Py_UCS4 c, close
     while i < n:
         c = text[i]
         if c == '#':
             while i < n and text[i] != '\n':
                 i += 1
         elif c == '"' or c == '[':
-            quote = '"' if c == '"' else ']'
+            close = '"' if c == '"' else ']'
             i += 1
-            while i < n and text[i] != quote:
+            while i < n and text[i] != close:
                 i += 2 if text[i] == '\\' else 1
         elif c == '(':
             depth += 1
             deepest = max(deepest, depth)
+            if deepest > MAX_GRAMMAR_NESTING:
+                return f"the grammar nests parentheses more than {MAX_GRAMMAR_NESTING} deep"
         elif c == ')':
             depth -= 1
+        elif c == '{':
+            j = text.find('}', i)
+            if j < 0:
+                return "a repetition { is not closed"
+            problem = _repeat_problem(text[i + 1:j])
+            if problem:
+                return problem
+            i = j
         i += 1
-    return deepest
+    return None
 
 
 cdef class Grammar:
@@ -127,10 +159,9 @@ cdef class Grammar:
         source = text.encode("utf-8")
         if len(source) > MAX_GRAMMAR_BYTES:
             raise errors.GrammarError(f"the grammar is {len(source)} bytes; at most {MAX_GRAMMAR_BYTES} are allowed")
-        depth = _nesting_depth(text)
-        if depth > MAX_GRAMMAR_NESTING:
-            raise errors.GrammarError(f"the grammar nests parentheses {depth} deep; at most "
-                                      f"{MAX_GRAMMAR_NESTING} levels are allowed")
+        problem = _precheck(text)
+        if problem:
+            raise errors.GrammarError(f"invalid grammar: {problem}")
         if len(self.triggers) > MAX_GRAMMAR_TRIGGERS:
             raise errors.GrammarError(f"at most {MAX_GRAMMAR_TRIGGERS} trigger patterns are allowed")
         patterns = []
@@ -144,19 +175,38 @@ cdef class Grammar:
             patterns.append(t.encode("utf-8"))
         n_patterns = len(patterns)
         take_log()
-        if n_patterns:
-            c_patterns = <const char **> malloc(n_patterns * sizeof(const char *))
-            if c_patterns == NULL:
-                raise MemoryError()
-            for i in range(n_patterns):
-                c_patterns[i] = <const char *> (<bytes> patterns[i])
-            self.proto = mll_sampler_init_grammar_lazy_patterns(model.vocab, source, b"root", c_patterns, n_patterns)
-            free(c_patterns)
-        else:
-            self.proto = mll_sampler_init_grammar(model.vocab, source, b"root")
+        # llama.cpp's parser prints its message (and the whole grammar) to stderr rather than
+        # returning it: catch that output for the exception, pass anything else on
+        sys.stderr.flush()
+        captured = tempfile.TemporaryFile()
+        saved = os.dup(2)
+        try:
+            os.dup2(captured.fileno(), 2)
+            if n_patterns:
+                c_patterns = <const char **> malloc(n_patterns * sizeof(const char *))
+                if c_patterns == NULL:
+                    raise MemoryError()
+                for i in range(n_patterns):
+                    c_patterns[i] = <const char *> (<bytes> patterns[i])
+                self.proto = mll_sampler_init_grammar_lazy_patterns(model.vocab, source, b"root", c_patterns,
+                                                                    n_patterns)
+                free(c_patterns)
+            else:
+                self.proto = mll_sampler_init_grammar(model.vocab, source, b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            printed = captured.read().decode("utf-8", "replace")
+            captured.close()
+        found = _PARSER_ERROR.search(printed)
+        if found is None and printed:
+            sys.stderr.write(printed)
         if self.proto == NULL:
             if mll_guard_error()[0] != 0:
                 detail = mll_guard_error().decode("utf-8", "replace")
+            elif found is not None:
+                detail = found.group(1).strip()
             else:
                 lines = [ln.strip() for ln in take_log().splitlines() if ln.strip()]
                 detail = "; ".join(lines[-3:]) or "llama.cpp refused it"
