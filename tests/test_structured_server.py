@@ -125,8 +125,9 @@ def test_a_repeated_constraint_is_converted_and_parsed_once(server):
 
 BAD = [
     ("/v1/completions", {"grammar": "root ::= ("}, "grammar", "not a valid GBNF grammar"),
-    ("/v1/completions", {"grammar": 'start ::= "a"'}, "grammar", "not a valid GBNF grammar"),
-    ("/v1/completions", {"grammar": 'root ::= "a" undefined-rule'}, "grammar", "not a valid GBNF grammar"),
+    ("/v1/completions", {"grammar": 'start ::= "a"'}, "grammar", "does not contain a 'root' symbol"),
+    ("/v1/completions", {"grammar": 'root ::= "a" undefined-rule'}, "grammar",
+     "not a valid GBNF grammar: Undefined rule identifier 'undefined-rule'"),
     ("/v1/completions", {"grammar": 7}, "grammar", "'grammar' must be a string"),
     ("/v1/completions", {"grammar": YES_NO, "response_format": {"type": "json_object"}}, "grammar",
      "cannot be combined"),

@@ -123,7 +123,8 @@ class GrammarCache:
         except RecursionError:
             outcome = _Outcome(error="it is nested too deeply")
         except (ValueError, TypeError, KeyError) as exc:
-            outcome = _Outcome(error=str(exc) or type(exc).__name__)
+            message = str(exc) or type(exc).__name__
+            outcome = _Outcome(error=message.removeprefix("invalid grammar: "))
         lru.put(key, outcome)
         return outcome
 
