@@ -178,6 +178,15 @@ class AsyncModel:
                 "reused_tokens": sum(s["reused_tokens"] for s in stats),
                 "cached_tokens": [e.n_cached(i) for e in engines for i in range(e.n_slots)]}
 
+    def grammar_stats(self) -> dict[str, int]:
+        """Constrained generation so far: ``tokens`` chosen under a grammar, ``rejected``
+        (the stream's first choice broke the grammar and was replaced) and ``full_passes``
+        (of those, the ones that needed the grammar over the whole vocabulary)."""
+        engines = [self._engine] if self._engine is not None else [c._engine for c in self._contexts
+                                                                    if not c.closed]
+        stats = [e.grammar_stats for e in engines]
+        return {k: sum(s[k] for s in stats) for k in ("tokens", "rejected", "full_passes")}
+
     def clear_cache(self) -> None:
         """Free the cells idle slots keep for the prefix cache (running streams keep theirs).
         Blocks for at most one decode step."""

@@ -55,6 +55,26 @@ def test_generation_follows_grammar(ctx, model, params):
     assert model.compile_grammar(RECORD).accepts([t.token_id for t in tokens if not model.is_eog(t.token_id)])
 
 
+@pytest.mark.parametrize("base", [SamplerParams(temperature=0.0), SamplerParams(temperature=0.9, seed=7)],
+                         ids=["greedy", "sampled"])
+def test_shortlist_choice_equals_the_whole_vocabulary_pass(ctx, base):
+    # a neutral logit bias makes the engine judge the whole vocabulary on every rejection;
+    # without it, the best-scoring tokens are tried first: the tokens must not differ
+    def run(params):
+        before = ctx._engine.grammar_stats
+        tokens = [t.token_id for t in ctx.stream_tokens(PROMPT, 64, params.replace(grammar=RECORD))]
+        after = ctx._engine.grammar_stats
+        return tokens, {k: after[k] - before[k] for k in after}
+
+    fast, fast_stats = run(base)
+    full, full_stats = run(base.replace(logit_bias={5: 0.0}))
+    assert fast == full
+    assert full_stats["rejected"] == full_stats["full_passes"] > 0
+    assert fast_stats["rejected"] == full_stats["rejected"]
+    if base.is_greedy:
+        assert fast_stats["full_passes"] < fast_stats["rejected"]
+
+
 def test_grammar_ends_generation_only_where_it_may_end(ctx, model):
     # three digits and a dot: no end before the dot, and nothing after it
     for seed in range(3):
@@ -134,9 +154,9 @@ async def test_concurrent_streams_each_follow_their_own_grammar(amodel):
     assert results[1] in ("yes", "no")
     assert re.fullmatch(r"[0-9]{3}\.", results[2]), results[2]
     assert results[3]
-    stats = amodel._engine.grammar_stats if amodel._engine is not None else None
-    if stats is not None:
-        assert stats["tokens"] >= stats["full_passes"] > 0
+    stats = amodel.grammar_stats()
+    assert stats["tokens"] >= stats["rejected"] >= stats["full_passes"]
+    assert stats["rejected"] > 0
 
 
 async def test_async_model_paths_follow_grammar(async_model):

@@ -7,6 +7,7 @@
 
 #include "mll_guard.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -222,6 +223,41 @@ llama_token chain_choice(llama_sampler * chain, llama_token_data_array & arr) {
     return arr.data[arr.selected].id;
 }
 
+// Candidates of the shortlist: enough that the k best allowed tokens are usually among them.
+constexpr size_t MLL_SHORTLIST_MIN = 256;
+
+// The grammar's filter over the row, cheaply where that is exact: when the chain keeps only
+// the k highest logits (`fast_k`, 1 for greedy) and nothing before it reorders them, the k
+// best allowed tokens decide. They are looked for among the highest logits first; only when
+// fewer than k of those are allowed does the grammar judge the whole vocabulary (returns
+// true then). Leaves the allowed candidates in `arr` (the rest at -inf or cut off).
+bool grammar_filter(llama_sampler * grammar, const float * logits, int32_t n_vocab, int32_t fast_k,
+                    llama_token_data * cand, llama_token_data_array & arr) {
+    fill_candidates(cand, logits, n_vocab);
+    size_t m = std::max(MLL_SHORTLIST_MIN, 4 * static_cast<size_t>(std::max(fast_k, 0)));
+    if (fast_k > 0 && m < static_cast<size_t>(n_vocab)) {
+        auto higher = [](const llama_token_data & a, const llama_token_data & b) { return a.logit > b.logit; };
+        std::nth_element(cand, cand + m, cand + n_vocab, higher);
+        std::sort(cand, cand + m, higher);
+        arr = {cand, m, -1, true};
+        llama_sampler_apply(grammar, &arr);
+        size_t allowed = 0;
+        for (size_t i = 0; i < m; i++) {
+            if (cand[i].logit != -INFINITY) {
+                cand[allowed++] = cand[i];
+            }
+        }
+        if (allowed >= static_cast<size_t>(fast_k)) {
+            arr = {cand, allowed, -1, true};
+            return false;
+        }
+        fill_candidates(cand, logits, n_vocab);
+    }
+    arr = {cand, static_cast<size_t>(n_vocab), -1, false};
+    llama_sampler_apply(grammar, &arr);
+    return true;
+}
+
 }  // namespace
 
 int mll_grammar_allows(llama_sampler * grammar, llama_token token) noexcept {
@@ -230,7 +266,7 @@ int mll_grammar_allows(llama_sampler * grammar, llama_token token) noexcept {
 
 llama_token mll_sample_constrained(const llama_vocab * vocab, const float * logits, int32_t n_vocab,
                                    llama_sampler * chain, llama_sampler * grammar, llama_token greedy_token,
-                                   llama_token_data * cand, int * full_pass) noexcept {
+                                   int32_t fast_k, llama_token_data * cand, int * full_pass) noexcept {
     return guarded<llama_token>(LLAMA_TOKEN_NULL, [&]() -> llama_token {
         *full_pass = 0;
         llama_token token = greedy_token;
@@ -240,10 +276,7 @@ llama_token mll_sample_constrained(const llama_vocab * vocab, const float * logi
             token = chain_choice(chain, arr);
         }
         if (!grammar_allows(grammar, token)) {
-            *full_pass = 1;
-            fill_candidates(cand, logits, n_vocab);
-            arr = {cand, static_cast<size_t>(n_vocab), -1, false};
-            llama_sampler_apply(grammar, &arr);
+            *full_pass = grammar_filter(grammar, logits, n_vocab, fast_k, cand, arr) ? 2 : 1;
             token = LLAMA_TOKEN_NULL;
             float best = -INFINITY;
             for (size_t i = 0; i < arr.size; i++) {

@@ -129,8 +129,8 @@ MLL_GUARD_API struct llama_sampler * mll_sampler_clone(
  *
  * A full grammar pass over a large vocabulary costs more than a decode step
  * (tens of ms for 262k tokens), while checking one token costs microseconds.
- * So the stream's own choice comes first and the grammar only judges it; the
- * whole vocabulary is filtered only when that choice is rejected.
+ * So the stream's own choice comes first and the grammar only judges it; when
+ * it is rejected, the best-scoring tokens are tried before the whole vocabulary.
  */
 
 /* Returned by mll_sample_constrained when the grammar allows no token at all. */
@@ -143,9 +143,14 @@ MLL_GUARD_API int mll_grammar_allows(
 /* The next token from the logits row `logits` (n_vocab values):
  *  - `chain` is the stream's sampler chain, or NULL for plain greedy, when
  *    `greedy_token` is the row's argmax (already computed by the caller);
- *  - the choice is checked against `grammar`; if rejected, the grammar filters
- *    the whole row (into `cand`, room for n_vocab entries) and the chain (or
- *    argmax) chooses again among what it allows; *full_pass says so;
+ *  - the choice is checked against `grammar`; if rejected, the chain (or
+ *    argmax) chooses again among the tokens the grammar allows. `fast_k` > 0
+ *    says the choice depends only on the fast_k best allowed tokens (1 for
+ *    greedy; a chain starting with top-k and no penalties or biases): they are
+ *    looked for among the highest logits first, and the grammar judges the
+ *    whole row (into `cand`, room for n_vocab entries) only when too few of
+ *    those are allowed. *full_pass: 0 first choice kept, 1 replaced from the
+ *    highest logits, 2 replaced after a pass over the whole vocabulary;
  *  - the chosen token is accepted by the chain and, unless it ends the
  *    generation (end-of-generation is only allowed where the grammar may end),
  *    by the grammar.
@@ -154,7 +159,7 @@ MLL_GUARD_API int mll_grammar_allows(
 MLL_GUARD_API llama_token mll_sample_constrained(
         const struct llama_vocab * vocab, const float * logits, int32_t n_vocab,
         struct llama_sampler * chain, struct llama_sampler * grammar, llama_token greedy_token,
-        llama_token_data * cand, int * full_pass) MLL_GUARD_NOEXCEPT;
+        int32_t fast_k, llama_token_data * cand, int * full_pass) MLL_GUARD_NOEXCEPT;
 
 /* ---- sequence state */
 

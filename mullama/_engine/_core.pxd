@@ -14,7 +14,9 @@ cdef struct Req:
     llama_sampler * smpl          # NULL: greedy argmax
     llama_sampler * grammar       # NULL: unconstrained; else checks each chosen token (mll_sample_constrained)
     llama_token_data * cand       # n_vocab candidates for the grammar's full pass (with a grammar only)
-    int32_t n_grammar_full        # tokens whose first choice the grammar rejected
+    int32_t grammar_fast_k        # see mll_sample_constrained (0: a rejected choice means a full pass)
+    int32_t n_grammar_rejected    # tokens whose first choice the grammar rejected
+    int32_t n_grammar_full        # of those, the ones that needed a pass over the whole vocabulary
     llama_token * prompt
     int32_t n_prompt
     int32_t prefill_pos           # prompt tokens whose keys/values are in the cache
@@ -98,7 +100,8 @@ cdef struct EngineState:
     int64_t decode_ns             # time inside llama_decode
     int64_t sample_ns             # time sampling and handing tokens out after each decode
     int64_t n_grammar_tokens      # tokens chosen under a grammar
-    int64_t n_grammar_full        # of those, the ones that needed the full grammar pass
+    int64_t n_grammar_rejected    # of those, the ones whose first choice the grammar rejected
+    int64_t n_grammar_full        # and of those, the ones that needed a pass over the whole vocabulary
     int32_t * kv_pos              # per slot: llama.cpp's largest cached position, as last seen by
                                   # the engine thread (others read this, never llama.cpp itself)
     int32_t slot_cells            # KV cells of one slot's sequence

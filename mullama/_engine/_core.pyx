@@ -518,10 +518,15 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     if r.grammar == NULL:
         tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
     else:
-        tok = mll_sample_constrained(e.vocab, job.logits, e.n_vocab, r.smpl, r.grammar, job.argmax, r.cand, &full)
+        tok = mll_sample_constrained(e.vocab, job.logits, e.n_vocab, r.smpl, r.grammar, job.argmax,
+                                     r.grammar_fast_k, r.cand, &full)
         e.n_grammar_tokens += 1
-        e.n_grammar_full += full
-        r.n_grammar_full += full
+        if full:
+            e.n_grammar_rejected += 1
+            r.n_grammar_rejected += 1
+        if full == 2:
+            e.n_grammar_full += 1
+            r.n_grammar_full += 1
         if tok == MLL_NO_TOKEN:
             return ERR_GRAMMAR
     if tok < 0:

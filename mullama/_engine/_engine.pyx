@@ -99,6 +99,7 @@ cdef class Request:
             if self.r.cand == NULL:
                 raise MemoryError()
             self.r.grammar = grammar.clone()
+            self.r.grammar_fast_k = _grammar_fast_k(sampler)
 
     def __dealloc__(self):
         if self.r.smpl != NULL:
@@ -165,9 +166,10 @@ cdef class Request:
         return self.r.n_generated
 
     @property
-    def n_grammar_full(self) -> int:
-        """Tokens whose first choice the grammar rejected (each cost a pass over the vocabulary)."""
-        return self.r.n_grammar_full
+    def grammar_stats(self) -> dict:
+        """Tokens whose first choice the grammar rejected, and how many of those needed a pass
+        of the grammar over the whole vocabulary."""
+        return {"rejected": self.r.n_grammar_rejected, "full_passes": self.r.n_grammar_full}
 
     @property
     def stop_index(self):
@@ -195,6 +197,21 @@ cdef class Request:
             return errors.cxx_exception("generation", self.r.err_text.decode("utf-8", "replace"),
                                         errors.GenerationError)
         return None
+
+
+cdef int32_t _grammar_fast_k(tuple cfg):
+    """How many best allowed tokens decide the choice of the sampler ``cfg`` (see
+    ``mll_sample_constrained``): 1 for plain greedy, top-k for a chain that nothing reorders
+    before its top-k, 0 when only the whole vocabulary will do."""
+    (temperature, top_k, _top_p, _min_p, _typical_p, repeat_penalty, repeat_last_n,
+     frequency_penalty, presence_penalty, _seed, logit_bias) = cfg
+    penalties = (repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0) \
+        and repeat_last_n != 0
+    if penalties or logit_bias:
+        return 0
+    if temperature <= 0.0:
+        return 1
+    return top_k if top_k > 0 else 0
 
 
 cdef inline void _release(void ** p) noexcept:
@@ -547,8 +564,10 @@ cdef class Engine:
 
     @property
     def grammar_stats(self) -> dict:
-        """Tokens chosen under a grammar, and how many needed the full pass over the vocabulary."""
-        return {"tokens": self.e.n_grammar_tokens, "full_passes": self.e.n_grammar_full}
+        """Tokens chosen under a grammar, how many of those the grammar rejected first, and how
+        many then needed a pass of the grammar over the whole vocabulary."""
+        return {"tokens": self.e.n_grammar_tokens, "rejected": self.e.n_grammar_rejected,
+                "full_passes": self.e.n_grammar_full}
 
     @property
     def timing(self) -> dict:

@@ -53,7 +53,8 @@ cdef extern from "mullama/mll_guard.h" nogil:
     int mll_grammar_allows(llama_sampler * grammar, llama_token token)
     llama_token mll_sample_constrained(const llama_vocab * vocab, const float * logits, int32_t n_vocab,
                                        llama_sampler * chain, llama_sampler * grammar,
-                                       llama_token greedy_token, llama_token_data * cand, int * full_pass)
+                                       llama_token greedy_token, int32_t fast_k, llama_token_data * cand,
+                                       int * full_pass)
 
     # sequence state
     size_t mll_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)

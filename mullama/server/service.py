@@ -177,6 +177,14 @@ class Service:
         self.metrics.add_gauge("mullama_prefix_cache_reused_tokens",
                                "Prompt tokens not evaluated thanks to the prefix cache, so far.",
                                lambda: model.prefix_cache_stats()["reused_tokens"])
+        self.metrics.add_gauge("mullama_grammar_tokens", "Tokens chosen under a grammar or JSON Schema, so far.",
+                               lambda: model.grammar_stats()["tokens"])
+        self.metrics.add_gauge("mullama_grammar_rejected_tokens",
+                               "Of those, tokens whose first choice the grammar rejected, so far.",
+                               lambda: model.grammar_stats()["rejected"])
+        self.metrics.add_gauge("mullama_grammar_full_passes",
+                               "Of those, tokens that needed the grammar over the whole vocabulary, so far.",
+                               lambda: model.grammar_stats()["full_passes"])
         self.metrics.add_gauge("mullama_prefix_cache_tokens",
                                "Tokens whose KV cells idle slots keep now for the prefix cache.",
                                lambda: sum(model.prefix_cache_stats()["cached_tokens"]))
