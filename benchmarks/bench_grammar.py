@@ -252,9 +252,10 @@ def main() -> None:
             print(f"{name:<34} {r['median']:7.3f} {r['best']:7.3f} {r['paired']:7.3f}   {target}")
     if all(counters):
         total = {k: sum(c[k] for c in counters) for k in counters[0]}
-        share = total["full_passes"] / total["tokens"] if total["tokens"] else float("nan")
-        print(f"\nmullama schema runs: {total['tokens']} tokens under the grammar, {total['full_passes']} "
-              f"needed the full grammar pass ({share:.1%})")
+        n = total["tokens"] or float("nan")
+        print(f"\nmullama schema runs: {total['tokens']} tokens under the grammar; the first choice was "
+              f"rejected for {total.get('rejected', 0)} ({total.get('rejected', 0) / n:.1%}), "
+              f"{total['full_passes']} needed the full grammar pass ({total['full_passes'] / n:.1%})")
     else:
         print("\nmullama exposes no grammar counters: the share of full grammar passes is not known")
     print(f"sample (mullama schema): {raw['mullama schema'][0]['text'][:160]!r}")
