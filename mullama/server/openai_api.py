@@ -4,6 +4,8 @@ Shapes follow OpenAI's API reference, so the official ``openai`` client works
 unchanged (streaming and not). ``n`` choices (at most the model's slots) share
 one evaluation of the prompt; with a ``seed``, choice ``i`` samples with
 ``seed + i``, so the choices differ and a request is reproducible.
+``response_format``, ``grammar`` and ``json_schema`` constrain the output
+(:mod:`mullama.server.structured`).
 """
 
 from __future__ import annotations
