@@ -75,6 +75,7 @@ class Mullama:
         self.ctx.clear_cache()
         params = self.constrained if constrained else self.free
         before = _grammar_counters(self.ctx)
+        clock0 = dict(self.ctx._engine.timing)
         stamps: list[float] = []
         pieces: list[str] = []
         t0 = time.perf_counter()
@@ -83,9 +84,14 @@ class Mullama:
             stamps.append(time.perf_counter())
             pieces.append(piece)
         after = _grammar_counters(self.ctx)
+        clock1 = self.ctx._engine.timing
         stats = it.stats
         out = {"stamps": [t - t0 for t in stamps], "tokens": stats.completion_tokens,
-               "finish_reason": stats.finish_reason, "text": "".join(pieces)}
+               "finish_reason": stats.finish_reason, "text": "".join(pieces),
+               # the engine's own clocks: inside llama_decode, and after it (sampling with the
+               # grammar, text pipeline); the second is where a constraint costs
+               "decode_s": clock1["decode_s"] - clock0["decode_s"],
+               "sample_s": clock1["sample_s"] - clock0["sample_s"]}
         if before is not None and after is not None:
             out["grammar_counters"] = {k: after[k] - before.get(k, 0) for k in after}
         return out
@@ -250,6 +256,10 @@ def main() -> None:
             print(f"{name:<34} {'-':>7}")
         else:
             print(f"{name:<34} {r['median']:7.3f} {r['best']:7.3f} {r['paired']:7.3f}   {target}")
+    for c in ("mullama free", "mullama schema"):
+        dec = statistics.median(r["decode_s"] / r["tokens"] for r in raw[c])
+        smp = statistics.median(r["sample_s"] / r["tokens"] for r in raw[c])
+        print(f"{c}: {dec * 1e3:.2f} ms/token in llama_decode, {smp * 1e3:.3f} ms/token after it (sampling)")
     if all(counters):
         total = {k: sum(c[k] for c in counters) for k in counters[0]}
         n = total["tokens"] or float("nan")
