@@ -4,6 +4,7 @@ Environment variables:
   MULLAMA_LLAMA_CPP_DIR   build against this llama.cpp checkout instead of the
                           pinned source in vendor/llama.cpp
   MULLAMA_CUDA=1          build ggml's CUDA backend (needs the CUDA toolkit)
+  MULLAMA_RPC=1           build ggml's RPC backend into the libraries (own cached build folder)
   MULLAMA_CMAKE_ARGS      extra arguments for llama.cpp's CMake configure step
   MULLAMA_NATIVE=0        do not optimise for the build machine's CPU
   MULLAMA_BUILD_DIR       where the cached CMake build lives (default: build/)
@@ -71,6 +72,8 @@ def cmake_args(install_dir: Path) -> list[str]:
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     if _flag("MULLAMA_CUDA"):
         args.append("-DGGML_CUDA=ON")
+    if _flag("MULLAMA_RPC"):
+        args.append("-DGGML_RPC=ON")
     # ggml's own thread pool (persistent per context, hybrid polling) instead of OpenMP:
     # OpenMP's spinning teams lose a core whenever another thread of the process (the
     # event loop taking tokens, a second context's team) wakes, which cost async streams
@@ -93,6 +96,15 @@ def check_cuda_toolkit() -> None:
         )
 
 
+def llama_build_dir(src: Path) -> Path:
+    """The cached CMake build folder for ``src``: its key hashes every CMake argument (the switches too)."""
+    base = Path(os.environ.get("MULLAMA_BUILD_DIR", ROOT / "build")).resolve()
+    probe = cmake_args(Path("/"))
+    key = hashlib.sha256(("\0".join([str(src)] + probe)).encode()).hexdigest()[:10]
+    backends = ("cuda" if _flag("MULLAMA_CUDA") else "cpu") + ("-rpc" if _flag("MULLAMA_RPC") else "")
+    return base / f"llama-{backends}-{key}"
+
+
 def build_llama(src: Path) -> Path:
     """Configure, build and install llama.cpp; return the install prefix.
 
@@ -100,10 +112,7 @@ def build_llama(src: Path) -> Path:
     rebuild after editing a .pyx reuses it and ninja finds nothing to do.
     """
     check_cuda_toolkit()
-    base = Path(os.environ.get("MULLAMA_BUILD_DIR", ROOT / "build")).resolve()
-    probe = cmake_args(Path("/"))
-    key = hashlib.sha256(("\0".join([str(src)] + probe)).encode()).hexdigest()[:10]
-    build_dir = base / f"llama-{'cuda' if _flag('MULLAMA_CUDA') else 'cpu'}-{key}"
+    build_dir = llama_build_dir(src)
     install_dir = build_dir / "install"
     args = cmake_args(install_dir)
     cmake = shutil.which("cmake") or "cmake"

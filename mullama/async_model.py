@@ -129,6 +129,11 @@ class AsyncModel:
         return self._n_ctx
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` or :meth:`aclose` has been called."""
+        return self._closed
+
+    @property
     def n_parallel(self) -> int:
         return self._n_parallel
 

@@ -23,6 +23,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--grammar-file", metavar="FILE", help="constrain the output to this GBNF grammar")
+    p.add_argument("--json-schema", metavar="SCHEMA",
+                   help="constrain the output to instances of this JSON Schema (JSON text, or @FILE)")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-stats", action="store_true", help="do not print the statistics line")
@@ -33,7 +36,9 @@ def _run(args: argparse.Namespace) -> int:
     from mullama import Context, Model, SamplerParams, default_model_path, store
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    params = SamplerParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = SamplerParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           grammar=_read_text(args.grammar_file) if args.grammar_file else None,
+                           json_schema=_read_schema(args.json_schema) if args.json_schema else None)
     path = store.resolve(args.model) if args.model else default_model_path()
     with Model.load(path) as model, Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
         if args.chat:
@@ -58,6 +63,21 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _read_schema(arg: str) -> object:
+    import json
+
+    text = _read_text(arg[1:]) if arg.startswith("@") else arg
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--json-schema is not valid JSON: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

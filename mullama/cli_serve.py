@@ -27,6 +27,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--model-id", default=None, help="the model name /v1/models reports")
     p.add_argument("--access-log", action="store_true", help="log each request to stderr")
+    ray = p.add_argument_group(
+        "replicas on Ray Serve (pip install 'mullama[ray]')",
+        "Run N copies of the server behind Ray Serve's proxy, which listens on --host/--port. Without "
+        "--ray-address a one-machine Ray is started on 127.0.0.1 and stopped on exit. Ray has no "
+        "authentication: a cluster belongs on a private network.")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="serve through Ray Serve with N replicas (with autoscaling: the initial number)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="join this Ray cluster (e.g. 'auto' or HOST:6379) instead of starting one")
+    ray.add_argument("--ray-cpus", type=int, default=None,
+                     help="CPUs of the Ray started here (default: this process's CPUs)")
+    ray.add_argument("--replica-cpus", type=float, default=None,
+                     help="CPUs Ray reserves for each replica (default 1, or a share of --ray-cpus)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling target of requests per replica (default: its slots)")
     p.set_defaults(func=_serve)
 
 
@@ -47,6 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id,
                               max_tokens_cap=args.max_tokens_cap,
                               default_max_tokens=min(256, args.max_tokens_cap), max_body_bytes=args.max_body)
+    ray_flags = (args.replicas, args.ray_address, args.ray_cpus, args.replica_cpus, args.min_replicas,
+                 args.max_replicas, args.target_ongoing_requests)
+    if any(flag is not None for flag in ray_flags):
+        from mullama.cli_serve_ray import serve_replicas
+
+        return serve_replicas(args, path, model_id, settings)
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     model = AsyncModel(Model.load(path), n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,

@@ -266,6 +266,7 @@ class Model:
         add_generation_prompt: bool = True,
         template: str | None = None,
         tools: list[Any] | None = None,
+        tool_choice: str = "auto",
         **template_kwargs: Any,
     ) -> str:
         """Render chat ``messages`` (dicts with ``role`` and ``content``) into a prompt.
@@ -279,12 +280,25 @@ class Model:
         without a template uses llama.cpp's built-in implementation, chosen
         by architecture for files that carry none. Raises
         :class:`TemplateError` when the template fails or is unknown.
+
+        ``tools`` are OpenAI function tools; messages may hold assistant
+        ``tool_calls`` and ``tool`` results. A template with a tool format of
+        its own (:meth:`tool_format`) receives them as Hugging Face passes
+        them; any other template gets the tools described in the system
+        message (:func:`mullama.grammar.prepare_chat_messages`).
+        ``tool_choice`` (``'auto'``, ``'required'``, ``'none'`` or a tool's
+        name) only changes that description; ``'none'`` leaves the tools out.
+        Bad tools raise :class:`~mullama.grammar.ToolError`.
         """
-        tmpl = template if template is not None else (self.chat_template or self._builtin_template())
-        if not tmpl:
-            raise errors.TemplateError(
-                "the model has no chat template; pass template=... (Jinja source, or the name of a "
-                "llama.cpp built-in template such as 'chatml', 'llama3' or 'gemma')")
+        tmpl = self._template_source(template)
+        messages = list(messages)
+        if tools is not None or any(isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool")
+                                    for m in messages):
+            from mullama.grammar.tools import check_choice, prepare_chat_messages, validate_tools
+
+            checked = validate_tools(tools) if tools is not None else []
+            choice = check_choice(checked, tool_choice) if tools is not None else "none"
+            messages, tools = prepare_chat_messages(messages, checked, self.tool_format(tmpl), choice)
         if looks_like_jinja(tmpl):
             return render_chat_template(
                 tmpl, messages, add_generation_prompt=bool(add_generation_prompt),
@@ -304,6 +318,22 @@ class Model:
             pairs.append((role.encode("utf-8"), content.encode("utf-8")))
         out = self._handle.apply_chat_template(tmpl.encode("utf-8"), pairs, bool(add_generation_prompt))
         return out.decode("utf-8", "replace")
+
+    def _template_source(self, template: str | None) -> str:
+        tmpl = template if template is not None else (self.chat_template or self._builtin_template())
+        if not tmpl:
+            raise errors.TemplateError(
+                "the model has no chat template; pass template=... (Jinja source, or the name of a "
+                "llama.cpp built-in template such as 'chatml', 'llama3' or 'gemma')")
+        return tmpl
+
+    def tool_format(self, template: str | None = None) -> str:
+        """The tool-call format of ``template`` (default: the model's own): ``'generic'``,
+        ``'llama3'``, ``'hermes'`` or ``'mistral'`` (see :mod:`mullama.grammar.tool_formats`)."""
+        from mullama.grammar.tool_formats import detect_tool_format
+
+        tmpl = template if template is not None else (self.chat_template or self._builtin_template())
+        return detect_tool_format(tmpl if tmpl and looks_like_jinja(tmpl) else None)
 
     # ------------------------------------------------------------ grammars
 

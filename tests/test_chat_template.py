@@ -239,8 +239,11 @@ def test_model_renders_its_gguf_template(tmp_path: Path) -> None:
         assert model.apply_chat_template(MESSAGES[:2], template=CHATML).startswith("<|im_start|>system")
         builtin = model.apply_chat_template(MESSAGES[:2], template="chatml")
         assert builtin == render_chat_template(CHATML, MESSAGES[:2])
+        # a built-in template knows no tools: they are described in the system turn instead
+        with_tools = model.apply_chat_template(MESSAGES[:2], template="chatml", tools=[{"name": "f"}])
+        assert '"name": "f"' in with_tools and with_tools.startswith("<|im_start|>system\nBe brief.")
         with pytest.raises(mullama.TemplateError):
-            model.apply_chat_template(MESSAGES[:2], template="chatml", tools=[{"name": "f"}])
+            model.apply_chat_template(MESSAGES[:2], template="chatml", enable_thinking=False)
 
 
 def test_malicious_gguf_template_is_contained(tmp_path: Path) -> None:

@@ -36,6 +36,32 @@ def test_run_with_chat_stop_seed_and_stdin():
     assert "\n" not in proc.stdout.rstrip("\n") and proc.stderr == ""
 
 
+def test_run_with_a_grammar_file(tmp_path):
+    grammar = tmp_path / "answer.gbnf"
+    grammar.write_text('root ::= ("yes" | "no") "."\n')
+    proc = run_cli("run", "-t", "0", "-n", "8", "--no-stats", "--grammar-file", str(grammar), "Is water wet?")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") in ("yes.", "no.")
+    grammar.write_text("root ::= nothing\n")
+    proc = run_cli("run", "--grammar-file", str(grammar), "hi")
+    assert proc.returncode == 1 and "Undefined rule identifier 'nothing'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_with_a_json_schema(tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    proc = run_cli("run", "-t", "0", "-n", "32", "--no-stats", "--json-schema", f"@{tmp_path / 'schema.json'}",
+                   "Is water wet? Answer in JSON:")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] in ("yes", "no")
+    proc = run_cli("run", "--json-schema", '{"type": "object", "not": {}}', "hi")
+    assert proc.returncode == 1 and "unsupported keyword 'not'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_run_reports_errors_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a model")

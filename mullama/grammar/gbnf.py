@@ -21,6 +21,7 @@ the parser silently turns a maximum above 2000 into "unbounded".
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Union
@@ -50,6 +51,11 @@ MAX_CODEPOINT = 0x10FFFF
 _DIRECT_REPEAT = 400
 # Largest count supported at all (two levels of blocks).
 MAX_REPEAT = _DIRECT_REPEAT * _DIRECT_REPEAT
+# Deeper inline groups become rules of their own (the engine caps nesting).
+_MAX_INLINE_DEPTH = 24
+MAX_RULES = 20_000
+# The engine refuses grammar text above 1 MiB.
+MAX_GRAMMAR_BYTES = 1 << 20
 # Cap on the grammar after llama.cpp's expansion of repetitions (elements + generated rules).
 DEFAULT_MAX_GRAMMAR_UNITS = 200_000
 
@@ -196,15 +202,21 @@ class Grammar:
     origins: dict[str, str] = field(default_factory=dict)
     max_units: int = DEFAULT_MAX_GRAMMAR_UNITS
     _helpers: dict[str, str] = field(default_factory=dict)
+    _next_suffix: dict[str, int] = field(default_factory=dict)
     _units: int = 0
+    _depth: int = 0
 
     def new_name(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9]+", "-", hint).strip("-").lower() or "r"
         base = base[:40].rstrip("-") or "r"
-        name, i = base, 1
+        if len(self.rules) >= MAX_RULES:
+            raise SchemaError(f"the generated grammar is too large (over {MAX_RULES} rules); "
+                              "simplify the schema")
+        name, i = base, self._next_suffix.get(base, 1)
         while name in self.rules:
             i += 1
             name = f"{base}-{i}"
+        self._next_suffix[base] = i
         self.rules[name] = EMPTY  # reserve
         return name
 
@@ -221,13 +233,13 @@ class Grammar:
     def check(self, root: str = "root") -> None:
         """Refuse rules that derive nothing finite, left recursion, and nullable loops."""
         productive = self._fixpoint(_productive)
-        for name in self.rules:
-            if name not in productive:
-                where = self.origins.get(name) or ""
-                raise SchemaError(
-                    "this part of the schema cannot produce any finite JSON value "
-                    "(a $ref cycle with no base case, or constraints that exclude everything)",
-                    where)
+        barren = [n for n in self.rules if n not in productive]
+        if barren:
+            # Name the part of the schema most likely at fault: a definition over the root.
+            where = next((self.origins[n] for n in barren if self.origins.get(n)), "")
+            raise SchemaError("this part of the schema cannot produce any finite JSON value "
+                              "(a $ref cycle with no base case, or constraints that exclude "
+                              "everything)", where)
         nullable = self._fixpoint(_nullable)
         for name, expr in self.rules.items():
             bad = _nullable_loop(expr, nullable)
@@ -255,14 +267,19 @@ class Grammar:
                     stack.append((nxt, iter(graph[nxt])))
 
     def _fixpoint(self, test) -> set[str]:
+        """The least set of rules for which ``test`` holds, re-testing a rule only when a
+        rule it refers to joins the set (linear in the grammar, whatever the order)."""
+        users: dict[str, set[str]] = {n: set() for n in self.rules}
+        for name, expr in self.rules.items():
+            for ref in _refs(expr):
+                users.setdefault(ref, set()).add(name)
         known: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for name, expr in self.rules.items():
-                if name not in known and test(expr, known):
-                    known.add(name)
-                    changed = True
+        queue = list(self.rules)
+        while queue:
+            name = queue.pop()
+            if name not in known and test(self.rules[name], known):
+                known.add(name)
+                queue.extend(u for u in users.get(name, ()) if u not in known)
         return known
 
     # ------------------------------------------------------------------ output
@@ -283,7 +300,10 @@ class Grammar:
                 raise SchemaError(f"the generated grammar is too large (over {self.max_units} "
                                   "rules and symbols after expansion); simplify the schema "
                                   "or lower its repetition counts")
-        return "\n".join(out) + "\n"
+        text = "\n".join(out) + "\n"
+        if len(text.encode()) > MAX_GRAMMAR_BYTES:
+            raise SchemaError(f"the generated grammar is over {MAX_GRAMMAR_BYTES} bytes; simplify the schema")
+        return text
 
     def _render_top(self, expr: Expr) -> str:
         if isinstance(expr, Alt):
@@ -291,6 +311,13 @@ class Grammar:
         return self._render(expr)
 
     def _render(self, expr: Expr) -> str:
+        self._depth += 1
+        try:
+            return self._render_inner(expr)
+        finally:
+            self._depth -= 1
+
+    def _render_inner(self, expr: Expr) -> str:
         self._units += 1
         if isinstance(expr, Lit):
             self._units += len(expr.text)
@@ -305,6 +332,8 @@ class Grammar:
                 return '""'
             return " ".join(self._render_atom(i) for i in expr.items)
         if isinstance(expr, Alt):
+            if self._depth > _MAX_INLINE_DEPTH:
+                return self._symbol(expr)  # keeps parenthesis nesting shallow
             return "(" + " | ".join(self._render(o) for o in expr.options) + ")"
         if isinstance(expr, Rep):
             return self._render_rep(expr)
@@ -319,7 +348,9 @@ class Grammar:
         llama.cpp's repetition budget by its inner rule count)."""
         if isinstance(item, (Lit, CharSet, Ref)):
             return self._render(item)
+        saved, self._depth = self._depth, 0
         key = self._render(item)
+        self._depth = saved
         name = self._helpers.get(key)
         if name is None:
             name = self.new_name("rep")
@@ -342,20 +373,20 @@ class Grammar:
         # Large counts: x{lo} = block{q} x{r}, block = x{k}; x{0,t} split likewise.
         k = _DIRECT_REPEAT
         block = self._symbol(Rep(Ref(sym), k, k))
-        parts: list[Expr] = []
-        q, rem = divmod(lo, k)
-        parts += [Rep(Ref(block), q, q), Rep(Ref(sym), rem, rem)]
+        b, x = Ref(block), Ref(sym)
+        q, r = divmod(lo, k)
+        parts: list[Expr] = [rep(b, q, q), rep(x, r, r)]
         if hi is None:
-            parts.append(Rep(Ref(sym), 0, None))
+            parts.append(rep(x, 0, None))
         elif hi > lo:
             t = hi - lo
             if t <= k:
-                parts.append(Rep(Ref(sym), 0, t))
+                parts.append(rep(x, 0, t))
             else:
                 q2, r2 = divmod(t, k)
-                parts.append(alt(seq(Rep(Ref(block), 0, q2 - 1), Rep(Ref(sym), 0, k - 1)),
-                                 seq(Rep(Ref(block), q2, q2), Rep(Ref(sym), 0, r2))))
-        kept = [p for p in parts if not (isinstance(p, Rep) and p.max == 0)]
+                parts.append(alt(seq(rep(b, 0, q2 - 1), rep(x, 0, k - 1)),
+                                 seq(rep(b, q2, q2), rep(x, 0, r2))))
+        kept = [p for p in parts if p != EMPTY]
         return " ".join(self._render_atom(p) for p in kept) or '""'
 
 
@@ -406,6 +437,18 @@ def _first_refs(expr: Expr, nullable: set[str]) -> set[str]:
     return set()
 
 
+def _refs(expr: Expr) -> set[str]:
+    if isinstance(expr, Ref):
+        return {expr.name}
+    if isinstance(expr, Seq):
+        return set().union(*(_refs(i) for i in expr.items))
+    if isinstance(expr, Alt):
+        return set().union(*(_refs(o) for o in expr.options))
+    if isinstance(expr, Rep):
+        return _refs(expr.item)
+    return set()
+
+
 def _nullable_loop(expr: Expr, nullable: set[str]) -> bool:
     if isinstance(expr, Seq):
         return any(_nullable_loop(i, nullable) for i in expr.items)
@@ -445,6 +488,7 @@ def _class_char(cp: int) -> str:
     return _hex_escape(cp)
 
 
+@functools.lru_cache(maxsize=1024)
 def _render_charset(cs: CharSet) -> str:
     if not cs.ranges:
         raise SchemaError("internal: empty character class")

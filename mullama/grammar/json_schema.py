@@ -10,8 +10,8 @@ generator should produce, the grammar produces a subset:
   or not, and extra properties (``additionalProperties`` true or a schema) come
   after them, with keys spelled without escapes;
 * whitespace between tokens is bounded (see ``primitives``), numbers have at
-  most 16 integer and 20 fraction digits, and ``enum``/``const`` values are
-  written in compact form.
+  most 16 integer and 20 fraction digits (bounded ``number``s no exponent), and
+  ``enum``/``const`` values are written in compact form.
 
 A keyword that constrains instances and is not supported raises
 ``SchemaError`` (a ``ValueError``) naming it and its JSON pointer; nothing that
@@ -20,6 +20,7 @@ constrains is ever ignored. Pure annotations are ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from . import schema_merge as sm
 from .formats import FORMATS, format_expr
 from .gbnf import EMPTY, CharSet, Expr, Grammar, Lit, Ref, SchemaError, alt, opt, rep, seq
-from .numbers import integer_range
+from .numbers import integer_range, number_range
 from .primitives import SAFE, JsonRules
 from .regex import pattern_expr
 from .schema_merge import ANNOTATIONS, KNOWN, TYPES, resolve_ref
@@ -37,14 +38,11 @@ __all__ = ["json_schema_to_gbnf", "JSON_OBJECT_SCHEMA", "MAX_SCHEMA_BYTES", "MAX
 MAX_SCHEMA_BYTES = 256 * 1024
 MAX_SCHEMA_DEPTH = 64
 MAX_PROPERTIES = 1000
+MAX_WORK = 20_000
 
 #: Any JSON object: what OpenAI's ``response_format={"type": "json_object"}`` asks for.
 JSON_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object", "additionalProperties": True}
 
-_OBJECT_KW = ("properties", "required", "additionalProperties")
-_ARRAY_KW = ("items", "prefixItems", "additionalItems", "minItems", "maxItems")
-_STRING_KW = ("minLength", "maxLength", "pattern", "format")
-_NUMBER_KW = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
@@ -59,6 +57,8 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
         pass
     elif not isinstance(schema, Mapping):
         raise SchemaError(f"a JSON Schema must be an object or a boolean, not {type(schema).__name__}")
+    if _rough_size(schema, MAX_SCHEMA_BYTES) > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"the schema is over the limit of {MAX_SCHEMA_BYTES} bytes of JSON text")
     try:
         size = len(json.dumps(schema, allow_nan=False).encode())
     except (TypeError, ValueError, RecursionError) as exc:
@@ -66,6 +66,34 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool) -> str:
     if size > MAX_SCHEMA_BYTES:
         raise SchemaError(f"the schema is {size} bytes of JSON, over the limit of "
                           f"{MAX_SCHEMA_BYTES} bytes")
+    return build_grammar(schema).render()
+
+
+def _rough_size(value: Any, limit: int) -> int:
+    """A lower estimate of the JSON text size that stops once past ``limit``, so a
+    Python structure that shares sub-objects (small in memory, huge as text) is
+    refused without being serialized."""
+    total = 0
+    stack = [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            total += 2 + 2 * len(v)
+            for k, x in v.items():
+                total += len(k) + 2 if isinstance(k, str) else 4
+                stack.append(x)
+        elif isinstance(v, (list, tuple)):
+            total += 2 + len(v)
+            stack.extend(v)
+        elif isinstance(v, str):
+            total += len(v) + 2
+        else:
+            total += 4
+    return total
+
+
+def build_grammar(schema: Mapping[str, Any] | bool) -> Grammar:
+    """The checked grammar as expressions (before rendering), for tools and tests."""
     return _Converter(schema).run()
 
 
@@ -76,17 +104,22 @@ class _Converter:
         self.g.new_name("root")
         self.json = JsonRules(self.g)
         self.refs: dict[str, Ref] = {}
+        self.work = 0
 
-    def run(self) -> str:
+    def run(self) -> Grammar:
         self.g.define("root", self.schema(self.root, "", 0), origin="")
         self.g.check()
-        return self.g.render()
+        return self.g
 
     # ---------------------------------------------------------------- dispatch
 
     def schema(self, s: Any, ptr: str, depth: int) -> Expr:
         if depth > MAX_SCHEMA_DEPTH:
             raise SchemaError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels", ptr)
+        self.work += 1
+        if self.work > MAX_WORK:
+            raise SchemaError(f"the schema expands to more than {MAX_WORK} subschemas (combining "
+                              "keywords copy their siblings into every branch); simplify it", ptr)
         if s is True:
             return self.json.value
         if s is False:
@@ -96,6 +129,7 @@ class _Converter:
         for key in s:
             if key not in KNOWN:
                 raise SchemaError(f"unsupported keyword {key!r}", ptr)
+        sm.check_shapes(s, ptr)
         if "$ref" in s:
             return self.ref(s, ptr, depth)
         if "allOf" in s:
@@ -108,6 +142,14 @@ class _Converter:
         if "type" not in s and len(types) == len(TYPES):
             return self.json.value
         return alt(*(self.typed(t, s, ptr, depth) for t in types))
+
+    def named(self, hint: str, expr: Expr, ptr: str) -> Expr:
+        """``expr`` as a rule of its own unless it is a single symbol: a part used in
+        two places is then written once (nested arrays/objects would otherwise
+        double the grammar at every level)."""
+        if isinstance(expr, (Ref, Lit, CharSet)):
+            return expr
+        return self.g.add(hint, expr, ptr)
 
     def ref(self, s: Mapping[str, Any], ptr: str, depth: int) -> Expr:
         target_ptr, target = resolve_ref(s["$ref"], self.root, ptr)
@@ -123,10 +165,8 @@ class _Converter:
 
     def union(self, s: Mapping[str, Any], ptr: str, depth: int) -> Expr:
         if "anyOf" in s and "oneOf" in s:
-            return self.schema(sm.merge_all_of({"allOf": [{"anyOf": s["anyOf"]}, {"oneOf": s["oneOf"]}],
-                                                **{k: v for k, v in s.items()
-                                                   if k not in ("anyOf", "oneOf")}},
-                                               self.root, ptr), ptr, depth + 1)
+            raise SchemaError("'anyOf' and 'oneOf' in the same schema (or combined through "
+                              "'allOf') are not supported", ptr)
         key = "anyOf" if "anyOf" in s else "oneOf"
         branches = s[key]
         if not isinstance(branches, list) or not branches:
@@ -196,16 +236,25 @@ class _Converter:
         return self.json.null
 
     def numeric(self, t: str, s: Mapping[str, Any], ptr: str) -> Expr:
+        if t == "number":
+            return self.number(s, ptr)
         lo, hi = sm.integer_bounds(s, ptr)
         if lo is None and hi is None:
-            return self.json.integer if t == "integer" else self.json.number
-        if t == "number":
-            word = next(k for k in _NUMBER_KW if k in s)
-            raise SchemaError(f"{word!r} on a 'number' is not supported (bounds are exact only "
-                              "for 'integer')", ptr)
+            return self.json.integer
         if lo is not None and hi is not None and lo > hi:
             raise SchemaError(f"the integer bounds leave no value (minimum {lo} > maximum {hi})", ptr)
         return integer_range(lo, hi)
+
+    def number(self, s: Mapping[str, Any], ptr: str) -> Expr:
+        lo, hi = sm.number_bounds(s, ptr)
+        if lo is None and hi is None:
+            return self.json.number
+        if lo is not None and hi is not None and lo[0] > hi[0]:
+            raise SchemaError(f"the number bounds leave no value ({lo[0]} > {hi[0]})", ptr)
+        expr = number_range(lo, hi)
+        if expr is None:
+            raise SchemaError("the number bounds leave no value", ptr)
+        return expr
 
     def string(self, s: Mapping[str, Any], ptr: str) -> Expr:
         quote = Lit('"')
@@ -252,12 +301,14 @@ class _Converter:
         rest_schema = s.get(rest_key, None if prefix else True)
         rest: Expr | None = None
         if rest_schema is not None and rest_schema is not False:
-            rest = self.schema(rest_schema, f"{ptr}/{rest_key}", depth + 1)
+            rest = self.named("item", self.schema(rest_schema, f"{ptr}/{rest_key}", depth + 1),
+                              f"{ptr}/{rest_key}")
         if hi is not None:
             prefix = prefix[:hi]
         elems: list[Expr | None] = []
         for i, p in enumerate(prefix):
-            elems.append(None if p is False else self.schema(p, f"{ptr}/{prefix_key}/{i}", depth + 1))
+            eptr = f"{ptr}/{prefix_key}/{i}"
+            elems.append(None if p is False else self.named("item", self.schema(p, eptr, depth + 1), eptr))
         # A prefix item with schema false ends the array before it.
         if None in elems:
             elems = elems[:elems.index(None)]
@@ -320,7 +371,7 @@ class _Converter:
                     raise SchemaError(f"required property {name!r} has the schema false", pptr)
                 continue
             key = Lit(json.dumps(name, ensure_ascii=False))
-            value = self.schema(pschema, pptr, depth + 1)
+            value = self.named(name, self.schema(pschema, pptr, depth + 1), pptr)
             members.append((seq(key, ws, Lit(":"), ws, value), name in required))
         extra: Expr | None = None
         if extra_schema is not None and extra_schema is not False:
@@ -347,7 +398,8 @@ class _Converter:
         return alt(seq(Lit("{"), ws, Lit("}")), full) if all_optional else full
 
     def _other_key(self, names: list[str]) -> Expr:
-        """A quoted key spelled without escapes that is none of ``names``."""
+        """A quoted key spelled without escapes that is none of ``names``: one rule per
+        node of the names' trie (built without recursion, names may be long)."""
         trie: dict = {}
         for n in names:
             node = trie
@@ -355,20 +407,26 @@ class _Converter:
                 node = node.setdefault(ch, {})
             node[""] = {}
         free = rep(self.json.chars(SAFE), 0, None)
-        return seq(Lit('"'), self._not_in(trie, free, "key"), Lit('"'))
+        refs: dict[int, Ref] = {}
+        nodes = [trie]
+        for node in nodes:  # grows while iterating: a breadth-first walk
+            refs[id(node)] = Ref(self.g.new_name("key"))
+            nodes.extend(child for c, child in node.items() if c and SAFE.contains(ord(c)))
+        for node in nodes:
+            children = [c for c in node if c and SAFE.contains(ord(c))]
+            options: list[Expr] = [] if "" in node else [EMPTY]
+            options += [seq(Lit(c), refs[id(node[c])]) for c in children]
+            other = _others(frozenset(children))
+            if other.ranges:
+                options.append(seq(other, free))
+            self.g.define(refs[id(node)].name, alt(*options))
+        return seq(Lit('"'), refs[id(trie)], Lit('"'))
 
-    def _not_in(self, node: dict, free: Expr, hint: str) -> Expr:
-        children = [c for c in node if c]
-        options: list[Expr] = []
-        if "" not in node:
-            options.append(EMPTY)
-        for c in children:
-            if SAFE.contains(ord(c)):
-                options.append(seq(Lit(c), self._not_in(node[c], free, hint)))
-        other = CharSet.of([(ord(c), ord(c)) for c in children]).complement().intersect(SAFE)
-        if other.ranges:
-            options.append(seq(other, free))
-        return self.g.add(hint, alt(*options))
+
+@functools.lru_cache(maxsize=256)
+def _others(used: frozenset[str]) -> CharSet:
+    """Unescaped key characters other than ``used``."""
+    return CharSet.of([(ord(c), ord(c)) for c in used]).complement().intersect(SAFE)
 
 
 def _same_json(a: Any, b: Any) -> bool:

@@ -14,14 +14,14 @@ limits. Characters outside the Basic Multilingual Plane are written raw.
 
 from __future__ import annotations
 
-from .gbnf import EMPTY, Alt, CharSet, Expr, Grammar, Lit, Ref, alt, opt, rep, seq
+from .gbnf import CharSet, Expr, Grammar, Lit, Ref, alt, opt, rep, seq
 
 __all__ = ["JsonRules", "MAX_INDENT", "MAX_INT_DIGITS", "MAX_FRACTION_DIGITS"]
 
 MAX_INDENT = 20
 MAX_INT_DIGITS = 16
 MAX_FRACTION_DIGITS = 20
-MAX_EXPONENT_DIGITS = 3
+MAX_EXPONENT_DIGITS = 2  # keeps every number finite as a double (at most ~1e115)
 
 DIGIT = CharSet(((0x30, 0x39),))
 NONZERO = CharSet(((0x31, 0x39),))
@@ -157,11 +157,3 @@ class JsonRules:
         if not parts:
             return CharSet(())
         return alt(*parts)
-
-    @staticmethod
-    def literal(json_text: str) -> Expr:
-        return Lit(json_text) if json_text else EMPTY
-
-
-def is_alt(expr: Expr) -> bool:
-    return isinstance(expr, Alt)

@@ -30,6 +30,7 @@ from .primitives import JsonRules
 __all__ = ["pattern_expr", "MAX_PATTERN_LENGTH"]
 
 MAX_PATTERN_LENGTH = 4096
+MAX_GROUP_DEPTH = 32
 
 _ASCII_DIGIT = CharSet(((0x30, 0x39),))
 _ASCII_WORD = CharSet.of([(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)])
@@ -84,6 +85,7 @@ class _Parser:
         self.i = 0
         self.rules = rules
         self.pointer = pointer
+        self.depth = 0
 
     def fail(self, what: str) -> SchemaError:
         return SchemaError(f"pattern {self.p!r}: {what} (at offset {self.i}) is not supported; "
@@ -186,6 +188,9 @@ class _Parser:
 
     def group(self) -> Expr:
         self.i += 1
+        self.depth += 1
+        if self.depth > MAX_GROUP_DEPTH:
+            raise self.fail(f"groups nested deeper than {MAX_GROUP_DEPTH}")
         if self.p.startswith("?", self.i):
             rest = self.p[self.i:]
             named = re.match(r"\?P?<[A-Za-z_][A-Za-z0-9_]*>", rest)
@@ -201,6 +206,7 @@ class _Parser:
         if self.peek() != ")":
             raise self.fail("missing ')'")
         self.i += 1
+        self.depth -= 1
         return inner
 
     def escape(self, in_class: bool) -> _Item:

@@ -7,6 +7,7 @@ import json
 import math
 import urllib.parse
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from .gbnf import SchemaError
@@ -14,7 +15,7 @@ from .gbnf import SchemaError
 __all__ = [
     "ANNOTATIONS", "KNOWN", "TYPES", "EmptyIntersection", "resolve_ref", "merge_all_of",
     "merge_ref", "merge_siblings", "check_one_of_disjoint", "types_of", "json_type",
-    "integer_bounds", "count", "escape_pointer",
+    "integer_bounds", "number_bounds", "count", "escape_pointer",
 ]
 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -132,6 +133,38 @@ def integer_bounds(s: Mapping[str, Any], ptr: str) -> tuple[int | None, int | No
     return lo, hi
 
 
+#: Bounds on ``number`` must be exactly representable as floats (validators compare floats).
+MAX_EXACT_NUMBER = 2 ** 53
+
+
+def number_bounds(s: Mapping[str, Any], ptr: str) -> tuple[tuple[Decimal, bool] | None,
+                                                           tuple[Decimal, bool] | None]:
+    """Inclusive decimal bounds for a ``number``, each (value, strict=False).
+
+    Validators compare a parsed float with the bound, so a strict bound b becomes the
+    inclusive bound nextafter(b): every decimal at or beyond it parses to a float
+    strictly beyond b, and every decimal at or beyond an inclusive bound parses to a
+    float at or beyond it (rounding is monotonic)."""
+    lows: list[float] = []
+    highs: list[float] = []
+    for key, out, up in (("minimum", lows, True), ("exclusiveMinimum", lows, True),
+                         ("maximum", highs, False), ("exclusiveMaximum", highs, False)):
+        v = s.get(key)
+        if v is None or isinstance(v, bool):
+            continue
+        if not isinstance(v, (int, float)):
+            raise SchemaError(f"{key!r} must be a number", ptr)
+        if abs(v) > MAX_EXACT_NUMBER:
+            raise SchemaError(f"{key!r} on a 'number' beyond 2**53 is not supported", ptr)
+        strict = key.startswith("exclusive") or s.get(
+            "exclusiveMinimum" if up else "exclusiveMaximum") is True
+        f = float(v)
+        out.append(math.nextafter(f, math.inf if up else -math.inf) if strict else f)
+    lo = (Decimal(max(lows)), False) if lows else None
+    hi = (Decimal(min(highs)), False) if highs else None
+    return lo, hi
+
+
 # ------------------------------------------------------------------ merging
 
 def _type_set(v: Any, ptr: str) -> set[str]:
@@ -145,6 +178,8 @@ def _type_set(v: Any, ptr: str) -> set[str]:
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any], ptr: str) -> dict[str, Any]:
     """Both schemas at once, as one schema (what ``allOf`` means), where that is simple."""
+    check_shapes(a, ptr)
+    check_shapes(b, ptr)
     out = dict(a)
     for k, v in b.items():
         if k in ANNOTATIONS:
@@ -332,3 +367,49 @@ def check_one_of_disjoint(branches: list[Any], root: Any, ptr: str) -> None:
                                   "'oneOf' forbids; use 'anyOf', or make the branches distinct "
                                   "(different types, or a required property with different "
                                   "'const' values)", ptr)
+
+
+_SCHEMA = "a schema (object or boolean)"
+_SHAPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "properties": ((Mapping,), "an object of schemas"),
+    "$defs": ((Mapping,), "an object of schemas"),
+    "definitions": ((Mapping,), "an object of schemas"),
+    "required": ((list,), "a list of strings"),
+    "additionalProperties": ((bool, Mapping), _SCHEMA),
+    "additionalItems": ((bool, Mapping), _SCHEMA),
+    "items": ((bool, Mapping, list), "a schema or a list of schemas"),
+    "prefixItems": ((list,), "a list of schemas"),
+    "enum": ((list,), "a list"),
+    "anyOf": ((list,), "a non-empty list of schemas"),
+    "oneOf": ((list,), "a non-empty list of schemas"),
+    "allOf": ((list,), "a non-empty list of schemas"),
+    "$ref": ((str,), "a string"),
+    "pattern": ((str,), "a string"),
+    "format": ((str,), "a string"),
+    "type": ((str, list), "a type name or a list of them"),
+}
+
+
+def check_shapes(s: Mapping[str, Any], ptr: str) -> None:
+    """Refuse keyword values of the wrong JSON type before anything reads them."""
+    for key, (kinds, what) in _SHAPES.items():
+        if key not in s:
+            continue
+        v = s[key]
+        if not isinstance(v, kinds) or (key in ("anyOf", "oneOf", "allOf") and not v):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key in ("properties", "$defs", "definitions") and not all(
+                isinstance(x, (bool, Mapping)) for x in v.values()):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key == "required" and not all(isinstance(x, str) for x in v):
+            raise SchemaError(f"{key!r} must be {what}", ptr)
+        if key in ("prefixItems", "anyOf", "oneOf", "allOf") or (key == "items" and isinstance(v, list)):
+            if not all(isinstance(x, (bool, Mapping)) for x in v):
+                raise SchemaError(f"{key!r} must be {what}", ptr)
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        v = s.get(key)
+        if v is not None and not isinstance(v, (int, float)) or (
+                isinstance(v, bool) and not key.startswith("exclusive")):
+            raise SchemaError(f"{key!r} must be a number", ptr)
+    for key in ("minLength", "maxLength", "minItems", "maxItems"):
+        count(s, key, ptr, None)

@@ -26,6 +26,7 @@ from mullama.server.errors import ApiError, api_error_from, error_response
 from mullama.server.service import Choices, Service
 from mullama.server.structured import request_grammar
 from mullama.server.tutorial_api import SSE_HEADERS
+from mullama.server.tool_calls import ToolRequest, tool_message_fields
 from mullama.types import TokenData
 
 __all__ = ["completions", "chat_completions", "list_models"]
@@ -69,7 +70,7 @@ def _completion_prompt(fields: Fields, n_vocab: int) -> str | list[int]:
                    param="prompt")
 
 
-def _messages(fields: Fields) -> list[dict[str, str]]:
+def _messages(fields: Fields) -> list[dict[str, Any]]:
     value = fields.body.get("messages")
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -92,7 +93,8 @@ def _messages(fields: Fields) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param="messages")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": content,
+                    **tool_message_fields(msg, i)})
     return out
 
 
@@ -308,10 +310,12 @@ async def _answer(request: Request, shape: _Shape, choices: Choices, stream: boo
                     yield chunk(opening)
             while not choices.finished:
                 for index, tok in await choices.step():
-                    if tok is None:
-                        yield chunk(shape.closing(index, _finish(choices.finish_reason(index))))
-                    elif (delta := shape.delta(index, tok)) is not None:
-                        yield chunk(delta)
+                    # a shape may answer one token with several chunks (a list)
+                    out = shape.closing(index, _finish(choices.finish_reason(index))) if tok is None \
+                        else shape.delta(index, tok)
+                    if out is not None:
+                        for piece in out if isinstance(out, list) else [out]:
+                            yield chunk(piece)
             if include_usage:
                 yield {**head, "object": shape.chunk_object, "choices": [], "usage": _usage(choices)}
 
@@ -354,6 +358,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         fields = Fields(await read_json(request, service.settings.max_body_bytes), service.settings)
         messages = _messages(fields)
+        tools = ToolRequest.from_body(fields.body, service.model.model)
         n = _n(fields, service)
         want_lp = fields.boolean("logprobs")
         n_top = fields.integer("top_logprobs", 0, 0, MAX_CHAT_TOP_LOGPROBS)
@@ -366,11 +371,14 @@ async def chat_completions(request: Request) -> Response:
         config = fields.stream_config(temperature=1.0, max_tokens=max_tokens, logprobs=want_lp,
                                       top_logprobs=n_top or 0, grammar=grammar)
         try:
-            prompt = service.model.model.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = service.model.model.apply_chat_template(messages, add_generation_prompt=True,
+                                                             **(tools.template_args() if tools else {}))
         except (MullamaError, ValueError, TypeError) as exc:
             raise ApiError(400, f"the chat template could not render the messages: {exc}",
                            param="messages") from None
         shape = _ChatShape(service, n, want_lp)
+        if tools is not None:
+            config, shape = tools.constrain(config), tools.shape(shape)
         choices = await service.start_choices(prompt, config, shape.endpoint, n)
     except ApiError as err:
         return error_response(err)
