@@ -144,6 +144,8 @@ BAD = [
      "response_format", "'type' must be one of"),
     ("/v1/completions", {"json_schema": {"type": "object", "not": {"required": ["a"]}}}, "json_schema",
      "unsupported keyword 'not'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {}}}}]}, "tools", "cannot be combined"),
     ("/stream", {"grammar": "root ::= ["}, "grammar", "not a valid GBNF grammar"),
     ("/stream", {"json_schema": {"type": "object", "properties": {"a": {"type": "strnig"}}}}, "json_schema",
      "(at /properties/a)"),
