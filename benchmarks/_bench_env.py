@@ -17,10 +17,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "vendor"
-LLAMA_SRC = VENDOR / "llama.cpp"
 PIN_FILE = VENDOR / "llama.cpp.pin"
-TOOLS_BUILD = ROOT / "build" / "bench-tools"
-LCP_VENV = ROOT / "build" / "bench-venv-lcp"
+# the same variables as setup.py: another checkout's llama.cpp and build folder (with its peers) are reused
+LLAMA_SRC = Path(os.environ.get("MULLAMA_LLAMA_CPP_DIR", VENDOR / "llama.cpp"))
+BUILD = Path(os.environ.get("MULLAMA_BUILD_DIR", ROOT / "build"))
+TOOLS_BUILD = BUILD / "bench-tools"
+LCP_VENV = BUILD / "bench-venv-lcp"
 RESULTS = ROOT / "bench-results"
 
 LCP_VERSION = "0.3.36"
@@ -135,7 +137,7 @@ def ensure_llama_cpp_python() -> Path:
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     log(f"building llama-cpp-python {LCP_VERSION} from {sdist} (several minutes; cached afterwards)")
     _run([str(py), "-m", "pip", "install", "--no-cache-dir", str(sdist)],
-         ROOT / "build" / "bench-venv-lcp-install.log", env=env)
+         BUILD / "bench-venv-lcp-install.log", env=env)
     if subprocess.run([str(py), "-c", probe]).returncode != 0:
         raise SystemExit("llama-cpp-python was installed but does not import")
     return py

@@ -142,8 +142,9 @@ class Fields:
         return tuple(value)
 
     def stream_config(self, *, temperature: float, max_tokens: int, top_logprobs: int = 0,
-                      logprobs: bool = False) -> StreamConfig:
-        """The sampling fields every endpoint shares, as a :class:`StreamConfig`."""
+                      logprobs: bool = False, grammar: str | None = None) -> StreamConfig:
+        """The sampling fields every endpoint shares, as a :class:`StreamConfig`;
+        ``grammar`` (checked GBNF) constrains the sampler."""
         temp = self.number("temperature", temperature, 0.0, 100.0)
         top_p = self.number("top_p", 0.95, 0.0, 1.0)
         top_k = self.integer("top_k", 40, 0, 1 << 20)
@@ -154,7 +155,7 @@ class Fields:
         repeat = self.number("repeat_penalty", 1.0, 0.01, 10.0)
         stop = self.stop()
         sampler = SamplerParams(min_p=min_p, seed=seed, presence_penalty=presence, frequency_penalty=frequency,
-                                repeat_penalty=repeat)
+                                repeat_penalty=repeat, grammar=grammar)
         try:
             return StreamConfig(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p,
                                 stop_sequences=stop, buffer_size=self.settings.buffer_size,

@@ -4,6 +4,8 @@ Shapes follow OpenAI's API reference, so the official ``openai`` client works
 unchanged (streaming and not). ``n`` choices (at most the model's slots) share
 one evaluation of the prompt; with a ``seed``, choice ``i`` samples with
 ``seed + i``, so the choices differ and a request is reproducible.
+``response_format``, ``grammar`` and ``json_schema`` constrain the output
+(:mod:`mullama.server.structured`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
 from mullama.server.scoring_api import completion_prompts, scored_completions
 from mullama.server.service import Choices, Service
+from mullama.server.structured import request_grammar
 from mullama.server.tutorial_api import SSE_HEADERS
 from mullama.server.tool_calls import ToolRequest, tool_message_fields
 from mullama.types import TokenData
@@ -335,6 +338,7 @@ async def completions(request: Request) -> Response:
         n_logprobs = fields.integer("logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
         stream = fields.boolean("stream")
         echo = fields.boolean("echo")
+        grammar = request_grammar(fields.body, service.model.model, service.grammars)
         if not stream and (echo or len(prompts) > 1):
             # prompt log-probabilities and batches: scored by the engine, then generated
             n = fields.integer("n", 1, 1, 2**31 - 1)
@@ -344,7 +348,8 @@ async def completions(request: Request) -> Response:
                 config = None
             else:
                 config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
-                                              logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
+                                              logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0,
+                                              grammar=grammar)
             head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": service.settings.model_id}
             return await scored_completions(request, service, prompts, n, n_logprobs, echo, config, head)
@@ -356,7 +361,8 @@ async def completions(request: Request) -> Response:
         if echo and isinstance(prompt, list):
             raise ApiError(400, "a streamed 'echo' needs a text prompt", param="echo")
         config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
-                                      logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0)
+                                      logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0,
+                                      grammar=grammar)
         shape = _CompletionShape(service, n, n_logprobs is not None,
                                  prompt if echo and isinstance(prompt, str) else "")
         choices = await service.start_choices(prompt, config, shape.endpoint, n)
@@ -379,8 +385,9 @@ async def chat_completions(request: Request) -> Response:
         stream = fields.boolean("stream")
         include_usage = _stream_options(fields)
         max_tokens = fields.max_tokens("max_completion_tokens", "max_tokens")
+        grammar = request_grammar(fields.body, service.model.model, service.grammars)
         config = fields.stream_config(temperature=1.0, max_tokens=max_tokens, logprobs=want_lp,
-                                      top_logprobs=n_top or 0)
+                                      top_logprobs=n_top or 0, grammar=grammar)
         try:
             prompt = service.model.model.apply_chat_template(messages, add_generation_prompt=True,
                                                              **(tools.template_args() if tools else {}))

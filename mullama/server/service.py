@@ -11,6 +11,7 @@ from mullama.async_model import AsyncModel
 from mullama.server.errors import ApiError, api_error_from
 from mullama.server.metrics import Metrics
 from mullama.server.settings import ServerSettings
+from mullama.server.structured import GrammarCache
 from mullama.stream import TokenStream
 from mullama.stream_config import StreamConfig
 from mullama.types import TokenData
@@ -158,6 +159,7 @@ class Service:
         self.model = model
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.grammars = GrammarCache()  # request constraints, converted and parsed once per text
         self.metrics.add_gauge("mullama_queue_depth", "Generations waiting for a free sequence slot.",
                                lambda: model.waiting_streams)
         self.metrics.add_gauge("mullama_slots", "Sequence slots of the model (streams decoded together).",
@@ -186,6 +188,13 @@ class Service:
         self.metrics.add_gauge("mullama_prefix_cache_tokens",
                                "Tokens whose KV cells idle slots keep now for the prefix cache.",
                                lambda: sum(model.prefix_cache_stats()["cached_tokens"]))
+        self.metrics.add_gauge("mullama_grammar_cache_hits",
+                               "Request constraints (schemas, grammars) found already converted and parsed.",
+                               lambda: self.grammars.hits)
+        self.metrics.add_gauge("mullama_grammar_cache_misses",
+                               "Schemas converted to GBNF and grammars parsed, so far (each distinct text once "
+                               "while it stays in the cache).",
+                               lambda: self.grammars.misses)
 
     @property
     def max_prompt_chars(self) -> int:

@@ -26,6 +26,7 @@ from mullama.errors import MullamaError
 from mullama.server.body import Fields, parse_json, read_json
 from mullama.server.errors import ApiError, error_response
 from mullama.server.service import Generation, Service
+from mullama.server.structured import request_grammar
 
 __all__ = ["stream_endpoint", "websocket_endpoint", "SSE_HEADERS"]
 
@@ -44,7 +45,9 @@ def _prompt_and_config(body: dict[str, Any], service: Service) -> tuple[str, Any
     assert prompt is not None
     if not prompt:
         raise ApiError(400, "'prompt' must not be empty", param="prompt")
-    config = fields.stream_config(temperature=TUTORIAL_TEMPERATURE, max_tokens=fields.max_tokens("max_tokens"))
+    grammar = request_grammar(body, service.model.model, service.grammars)
+    config = fields.stream_config(temperature=TUTORIAL_TEMPERATURE, max_tokens=fields.max_tokens("max_tokens"),
+                                  grammar=grammar)
     return prompt, config
 
 
