@@ -101,12 +101,9 @@ class Mullama:
         self.model.close()
 
 
-def _grammar_counters(ctx: Any) -> dict[str, int] | None:
-    """The engine's grammar counters: tokens chosen under a grammar, and how many of them
-    needed the full pass over the vocabulary (the first choice was rejected)."""
-    engine = getattr(ctx, "_engine", None)
-    stats = getattr(engine, "grammar_stats", None)
-    return dict(stats) if stats is not None else None
+def _grammar_counters(ctx: Any) -> dict[str, int]:
+    """Tokens chosen under a grammar, first choices it rejected, and passes over the whole vocabulary."""
+    return dict(ctx.grammar_stats)
 
 
 class Server:

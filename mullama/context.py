@@ -267,6 +267,13 @@ class Context:
         """Generations that reused cached tokens (``hits``) and the prompt tokens they skipped."""
         return self._engine.prefix_stats
 
+    @property
+    def grammar_stats(self) -> dict[str, int]:
+        """Constrained generation so far: ``tokens`` chosen under a grammar, ``rejected`` (the
+        first choice broke the grammar and was replaced), ``full_passes`` (of those, the ones
+        that needed the grammar over the whole vocabulary)."""
+        return self._engine.grammar_stats
+
     def kv_positions(self) -> list[int]:
         """Largest cached position of the context's sequence (``[-1]`` when every KV cell is free)."""
         return self._engine.used_positions()

@@ -19,6 +19,8 @@ __all__ = [
     "StreamingError",
     "TemplateError",
     "GrammarError",
+    "SchemaError",
+    "ToolError",
     "TokenizerError",
     "StateError",
     "TokenIdError",
@@ -78,6 +80,28 @@ class TemplateError(MullamaError, ValueError):
 class GrammarError(MullamaError, ValueError):
     """A grammar (GBNF text, or one made from a JSON Schema) was refused: the parser's
     message says where and why."""
+
+
+class SchemaError(GrammarError):
+    """A JSON Schema (or a ``pattern`` in it) that cannot become a grammar: a keyword outside
+    the supported subset, a contradiction, a ``$ref`` cycle with no base case, a size limit.
+
+    ``pointer`` is the JSON pointer of the offending part of the schema ("" for the root).
+    """
+
+    def __init__(self, message: str, pointer: str | None = None) -> None:
+        if pointer is not None:
+            message += f" (at {pointer})" if pointer else " (at the schema root)"
+        super().__init__(message)
+        self.pointer = pointer
+
+
+class ToolError(MullamaError, ValueError):
+    """Tools or a tool choice that cannot be used; ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str = "tools") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TokenizerError(MullamaError, RuntimeError):

@@ -61,9 +61,9 @@ def test_shortlist_choice_equals_the_whole_vocabulary_pass(ctx, base):
     # a neutral logit bias makes the engine judge the whole vocabulary on every rejection;
     # without it, the best-scoring tokens are tried first: the tokens must not differ
     def run(params):
-        before = ctx._engine.grammar_stats
+        before = ctx.grammar_stats
         tokens = [t.token_id for t in ctx.stream_tokens(PROMPT, 64, params.replace(grammar=RECORD))]
-        after = ctx._engine.grammar_stats
+        after = ctx.grammar_stats
         return tokens, {k: after[k] - before[k] for k in after}
 
     fast, fast_stats = run(base)

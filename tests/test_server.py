@@ -137,7 +137,7 @@ def test_openai_errors_have_openai_shape(client, server):
         client.completions.create(model="any", prompt=PROMPT, n=5)  # more choices than slots
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
-        client.embeddings.create(model="any", input="x")
+        client.moderations.create(input="x")   # an endpoint the server does not have
 
 
 def test_concurrent_streams_are_batched(server, served_model):

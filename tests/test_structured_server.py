@@ -34,6 +34,19 @@ def test_completion_follows_a_grammar(server):
     assert body["usage"]["completion_tokens"] >= 1
 
 
+def test_scored_and_batched_completions_keep_the_constraint(server):
+    # echo and prompt batches take the scoring path: what they generate is constrained all the same
+    prompts = ["Is the sky green? Answer:", "Is water wet? Answer:"]
+    status, body = server.json("POST", "/v1/completions", {"prompt": prompts, "max_tokens": 8, "temperature": 0,
+                                                           "echo": True, "logprobs": 1, "grammar": YES_NO})
+    assert status == 200, body
+    assert len(body["choices"]) == 2
+    for choice in body["choices"]:
+        prompt = prompts[choice["index"]]
+        assert choice["text"].startswith(prompt)
+        assert choice["text"][len(prompt):] in ("yes", "no"), choice["text"]
+
+
 @pytest.mark.parametrize("fields", [
     {"response_format": {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT, "strict": True}}},
     {"response_format": {"type": "json_object", "schema": POINT}},

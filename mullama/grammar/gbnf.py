@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Union
 
-from mullama.errors import MullamaError
+from mullama.errors import SchemaError
 
 __all__ = [
     "SchemaError",
@@ -58,19 +58,6 @@ MAX_RULES = 20_000
 MAX_GRAMMAR_BYTES = 1 << 20
 # Cap on the grammar after llama.cpp's expansion of repetitions (elements + generated rules).
 DEFAULT_MAX_GRAMMAR_UNITS = 200_000
-
-
-class SchemaError(MullamaError, ValueError):
-    """A schema (or pattern) that cannot be turned into a grammar.
-
-    ``pointer`` is the JSON pointer of the offending part of the schema ("" for the root).
-    """
-
-    def __init__(self, message: str, pointer: str | None = None) -> None:
-        if pointer is not None:
-            message += f" (at {pointer})" if pointer else " (at the schema root)"
-        super().__init__(message)
-        self.pointer = pointer
 
 
 @dataclass(frozen=True)

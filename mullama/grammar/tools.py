@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mullama.errors import MullamaError
+from mullama.errors import ToolError
 from mullama.grammar.json_schema import json_schema_to_gbnf
 from mullama.grammar.tool_formats import FORMATS, WS_RULE, ToolFormat, calls_start, detect_tool_format, scan_calls
 
@@ -41,14 +41,6 @@ TOOL_FORMATS = tuple(FORMATS)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for function names
 _RULE_DEF = re.compile(r"^([A-Za-z0-9-]+)\s*::=", re.M)
 _WORD = re.compile(r"[A-Za-z0-9-]+")
-
-
-class ToolError(MullamaError, ValueError):
-    """Tools or a tool choice that cannot be used: the message names what is wrong."""
-
-    def __init__(self, message: str, param: str = "tools") -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
