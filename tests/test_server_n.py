@@ -25,10 +25,12 @@ def client(server):
         yield c
 
 
-def fresh(served_model) -> None:
-    """Evaluate the next prompt from scratch: a prompt found in the prefix cache is
-    continued from a one-token step, whose rounding differs from a whole-prompt step
-    and can change what a seeded sampler draws, so comparisons start from the same state."""
+def fresh(server, served_model) -> None:
+    """Evaluate the next prompt from scratch and alone: a prompt found in the prefix cache
+    is continued from a one-token step, and a stream still running from an earlier test
+    changes the batch; either changes rounding and so what a seeded sampler draws, so
+    comparisons start from the same state."""
+    server.wait_idle(timeout=120)
     served_model.clear_cache()
 
 
@@ -58,7 +60,7 @@ def _streamed(chunks, n: int, text) -> tuple[list[str], list[str]]:
 
 def test_completions_n_non_streaming(server, served_model, client):
     before = server.metrics()
-    fresh(served_model)
+    fresh(server, served_model)
     r = client.completions.create(prompt=PROMPT, logprobs=1, **SAMPLED)
     choices = _by_index(r.choices)
     assert len(choices) == 2 and choices[0].text != choices[1].text  # seeds 7 and 8
@@ -75,15 +77,15 @@ def test_completions_n_non_streaming(server, served_model, client):
     key = 'mullama_streams_total{endpoint="completions",finish_reason="length"}'
     assert after.get(key, 0) - before.get(key, 0) == sum(1 for c in choices if c.finish_reason == "length")
     # the same seed gives the same choices, streamed or not
-    fresh(served_model)
+    fresh(server, served_model)
     again = client.completions.create(prompt=PROMPT, **SAMPLED)
     assert [c.text for c in again.choices] == [c.text for c in choices]
 
 
 def test_completions_n_streaming(server, served_model, client):
-    fresh(served_model)
+    fresh(server, served_model)
     whole = client.completions.create(prompt=PROMPT, echo=True, **SAMPLED)
-    fresh(served_model)
+    fresh(server, served_model)
     chunks = list(client.completions.create(prompt=PROMPT, echo=True, stream=True,
                                             stream_options={"include_usage": True}, **SAMPLED))
     *body, last = chunks
@@ -112,9 +114,9 @@ def test_chat_n_non_streaming(server, served_model, client):
 
 
 def test_chat_n_streaming(server, served_model, client):
-    fresh(served_model)
+    fresh(server, served_model)
     whole = client.chat.completions.create(messages=MESSAGES, **SAMPLED)
-    fresh(served_model)
+    fresh(server, served_model)
     chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True,
                                                  stream_options={"include_usage": True}, **SAMPLED))
     *body, last = chunks
