@@ -37,8 +37,10 @@ TEXT = env.ROOT / "tests" / "data" / "scoring_text.txt"
 
 
 def _stamp(log: str, marker: str) -> float:
-    m = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) .*" + re.escape(marker), log, re.M)
-    minutes, sec, ms, us = (int(g) for g in m.groups())
+    """The time stamp (minutes.seconds.ms.us) of the log entry that says ``marker``: the
+    last stamp before it, since an entry can follow a progress line without a line break."""
+    stamps = list(re.finditer(r"(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) [DIWE] ", log[:log.index(marker)]))
+    minutes, sec, ms, us = (int(g) for g in stamps[-1].groups())
     return minutes * 60 + sec + ms / 1e3 + us / 1e6
 
 
