@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import anyio
 import pytest
@@ -274,7 +275,9 @@ def test_the_parser_survives_malformed_grammars_in_a_child(model_path):
             else:
                 print("accepted:", repr(g))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # run beside the tests, not the source tree: the package is the installed (built) one
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 17 and all(ln.startswith("refused: invalid grammar: ") for ln in lines), proc.stdout
