@@ -366,16 +366,21 @@ class Context:
         with self._lock:
             self._begin_generation()
             request = self._request(ids, 1, GREEDY, [], False, 0, logits_out=out)
-            try:
-                while not request.done:
-                    self._engine.step()
-            except BaseException:
-                self._abandon(request)
-                raise
+            self._step_until_done(request)
         err = request.error()
         if err is not None:
             raise err
         return out
+
+    def _step_until_done(self, request: Request) -> None:
+        """Step the engine on this thread until ``request`` ends (lock held); an interruption
+        (Ctrl-C, an exception) ends the request before it propagates."""
+        try:
+            while not request.done:
+                self._engine.step()
+        except BaseException:
+            self._abandon(request)
+            raise
 
     # ------------------------------------------------------------ scoring
 
@@ -388,12 +393,7 @@ class Context:
                 request = scoring.make_request(self._model, ids, first, top, self._n_ctx)
                 self._live_engine().submit(request)
                 self._current = request
-                try:
-                    while not request.done:
-                        self._engine.step()
-                except BaseException:
-                    self._abandon(request)
-                    raise
+                self._step_until_done(request)
                 out.append(scoring.result_of(request, ids, first))
         return out
 
