@@ -67,6 +67,9 @@ class AsyncModel:
                  max_queue: int = 64, prefill_chunk: int = 256, n_threads: int | None = None,
                  n_batch: int = 512, flash_attn: bool | str = "auto", seed: int | None = None,
                  prefix_cache: bool = True, swa_full: bool = True, **context_kwargs: Any) -> None:
+        if getattr(model, "rpc_servers", None) is not None:
+            raise TypeError("AsyncModel runs its engine in this process: load an RPC-backed model with "
+                            "Model.load(..., rpc_servers=..., in_process=True)")
         n_parallel = _positive_int("n_parallel", n_parallel, 1, 256)
         self._n_ctx = _positive_int("n_ctx", n_ctx, 8, 1 << 20)
         max_queue = _positive_int("max_queue", max_queue, 0, 1 << 20)

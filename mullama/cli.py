@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Sequence
 
-from mullama import cli_bench, cli_serve, cli_store
+from mullama import cli_bench, cli_rpc, cli_serve, cli_store
 
 __all__ = ["main"]
 
@@ -29,6 +29,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-stats", action="store_true", help="do not print the statistics line")
+    cli_rpc.add_rpc_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -40,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
                            grammar=_read_text(args.grammar_file) if args.grammar_file else None,
                            json_schema=_read_schema(args.json_schema) if args.json_schema else None)
     path = store.resolve(args.model) if args.model else default_model_path()
-    with Model.load(path) as model, Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
+    with Model.load(path, **cli_rpc.rpc_load_options(args)) as model, Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
         if args.chat:
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
         stream = ctx.generate_stream(prompt, max_tokens=args.max_tokens, params=params, stop=args.stop)
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_store.add_parsers(sub)
     cli_serve.add_parsers(sub)
     cli_bench.add_parsers(sub)
+    cli_rpc.add_parsers(sub)
     return parser
 
 

@@ -95,6 +95,14 @@ class Context:
     :class:`StreamingError` (use one context per concurrent stream).
     """
 
+    def __new__(cls, model: Model, *args: Any, **kwargs: Any) -> Any:
+        from mullama.rpc_model import RpcContext, RpcModel
+
+        if cls is Context and isinstance(model, RpcModel):
+            # the model lives in its child process: so does the context
+            return RpcContext(model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: Model,

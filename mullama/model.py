@@ -100,6 +100,9 @@ class Model:
         use_mmap: bool = True,
         use_mlock: bool = False,
         vocab_only: bool = False,
+        rpc_servers: "str | Sequence[str] | None" = None,
+        tensor_split: Sequence[float] | None = None,
+        in_process: bool = False,
     ) -> "Model":
         """Load a GGUF file.
 
@@ -109,12 +112,40 @@ class Model:
         reaching llama.cpp's parser. ``n_gpu_layers=-1`` offloads every layer
         when a GPU backend is built in (ignored on a CPU build).
         Blocks the calling thread while loading; the GIL is released.
+
+        ``rpc_servers`` (``["HOST:PORT", ...]`` or ``"HOST:PORT,..."``; servers started
+        with ``mullama rpc-server``, build with ``MULLAMA_RPC=1``) puts the layers on those
+        servers' devices only, shared out by ``tensor_split`` (one weight per device;
+        default: by the servers' free memory). Each server must answer a TCP connect first,
+        else :class:`ModelLoadError`. The model then runs in a child process
+        (:class:`~mullama.rpc_model.RpcModel`), because llama.cpp aborts the process
+        whose RPC server dies: that turns into :class:`GenerationError` here.
+        ``in_process=True`` loads it in this process instead (what ``AsyncModel`` and
+        the server need), where a dying server ends the process.
         """
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise TypeError("n_gpu_layers must be an integer")
         path = check_model_path(path)
         validate_gguf_file(path)
-        handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), bool(vocab_only))
+        if rpc_servers is None:
+            if tensor_split is not None:
+                raise ValueError("tensor_split shares layers among RPC servers: it needs rpc_servers")
+            handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), bool(vocab_only))
+            return cls(handle)
+        from mullama import rpc
+
+        servers = rpc.parse_endpoints(rpc_servers)
+        split = rpc.check_tensor_split(tensor_split, len(servers))
+        if vocab_only:
+            raise ValueError("a vocabulary-only load has no layers to place on RPC servers")
+        rpc.require_rpc()
+        rpc.check_reachable(servers)
+        if not in_process:
+            from mullama.rpc_model import RpcModel
+
+            return RpcModel(path, servers, {"n_gpu_layers": int(n_gpu_layers), "use_mmap": bool(use_mmap),
+                                            "use_mlock": bool(use_mlock), "tensor_split": split})
+        handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), False, servers, split)
         return cls(handle)
 
     # ------------------------------------------------------------ lifecycle

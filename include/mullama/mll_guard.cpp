@@ -110,6 +110,11 @@ llama_context * mll_init_from_model(llama_model * model, llama_context_params pa
     return guarded<llama_context *>(nullptr, [&] { return llama_init_from_model(model, params); });
 }
 
+ggml_backend_reg_t mll_rpc_add_server(ggml_backend_reg_t (*add_server)(const char * endpoint),
+                                      const char * endpoint) noexcept {
+    return guarded<ggml_backend_reg_t>(nullptr, [&] { return add_server(endpoint); });
+}
+
 const char * mll_model_chat_template(const llama_model * model, const char * name) noexcept {
     return guarded<const char *>(nullptr, [&] { return llama_model_chat_template(model, name); });
 }

@@ -69,6 +69,13 @@ MLL_GUARD_API struct llama_model * mll_model_load_from_file(
 MLL_GUARD_API struct llama_context * mll_init_from_model(
         struct llama_model * model, struct llama_context_params params) MLL_GUARD_NOEXCEPT;
 
+/* ggml_backend_rpc_add_server, called through the pointer the RPC registry
+ * hands out (the backend may not be built in). NULL when it threw or when the
+ * server has no devices. It still aborts when the server cannot be reached or
+ * does not answer the handshake: callers check the connection first. */
+MLL_GUARD_API ggml_backend_reg_t mll_rpc_add_server(
+        ggml_backend_reg_t (*add_server)(const char * endpoint), const char * endpoint) MLL_GUARD_NOEXCEPT;
+
 /* NULL is also llama.cpp's answer for "no template": tell them apart with
  * mll_guard_error()[0]. */
 MLL_GUARD_API const char * mll_model_chat_template(

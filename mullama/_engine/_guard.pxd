@@ -4,6 +4,8 @@
 
 from libc.stdint cimport int32_t, uint8_t
 
+from mullama._engine._ggml_backend cimport ggml_backend_reg_t
+from mullama._engine._rpc cimport rpc_add_server_fn
 from mullama._engine._llama cimport (
     llama_batch, llama_chat_message, llama_context, llama_context_params, llama_model,
     llama_model_params, llama_sampler, llama_seq_id, llama_token, llama_token_data, llama_vocab,
@@ -61,3 +63,6 @@ cdef extern from "mullama/mll_guard.h" nogil:
     size_t mll_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
     size_t mll_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size,
                                   llama_seq_id dest_seq_id)
+
+    # RPC backend (mullama/_engine/_rpc.pxd)
+    ggml_backend_reg_t mll_rpc_add_server(rpc_add_server_fn add_server, const char * endpoint)

@@ -3,6 +3,8 @@
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from mullama._engine._ggml_backend cimport ggml_backend_dev_t
+
 cdef extern from "<stdbool.h>":
     ctypedef bint c_bool "bool"
 
@@ -76,12 +78,21 @@ cdef extern from "llama.h" nogil:
 
     ctypedef bint (*llama_progress_callback)(float progress, void * user_data) noexcept
 
+    cdef enum llama_split_mode:
+        LLAMA_SPLIT_MODE_NONE
+        LLAMA_SPLIT_MODE_LAYER
+        LLAMA_SPLIT_MODE_ROW
+        LLAMA_SPLIT_MODE_TENSOR
+
     cdef struct llama_model_params:
+        ggml_backend_dev_t * devices
         int32_t n_gpu_layers
+        llama_split_mode split_mode
         llama_load_mode load_mode
         int32_t main_gpu
         llama_progress_callback progress_callback
         void * progress_callback_user_data
+        const float * tensor_split
         bint vocab_only
         bint check_tensors
 
@@ -128,6 +139,7 @@ cdef extern from "llama.h" nogil:
     void llama_log_set(ggml_log_callback log_callback, void * user_data)
     const char * llama_print_system_info()
     bint llama_supports_gpu_offload()
+    size_t llama_max_devices()
 
     llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params)
     void llama_model_free(llama_model * model)

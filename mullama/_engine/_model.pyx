@@ -13,11 +13,13 @@ import os
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint64_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy, strlen
 
 from mullama._engine._llama cimport *
 from mullama._engine._guard cimport *
+from mullama._engine._ggml_backend cimport *
+from mullama._engine._rpc cimport *
 from mullama import errors
 
 # ---------------------------------------------------------------- logging
@@ -106,6 +108,78 @@ cdef int _raise_if_threw(str what, cls=errors.MullamaError, str hint="") except 
     return 0
 
 
+# ---------------------------------------------------------------- RPC backend
+# ggml's RPC backend is optional (MULLAMA_RPC=1 at build time): its functions are
+# looked up in the "RPC" registry, which exists only when it was built in.
+
+
+cdef void * _rpc_proc(const char * name):
+    init_backend()
+    cdef ggml_backend_reg_t reg = ggml_backend_reg_by_name(b"RPC")
+    if reg == NULL:
+        return NULL
+    return ggml_backend_reg_get_proc_address(reg, name)
+
+
+def rpc_available() -> bool:
+    """True when this build has ggml's RPC backend."""
+    return _rpc_proc(b"ggml_backend_rpc_add_server") != NULL
+
+
+def rpc_protocol_version() -> str:
+    return f"{RPC_PROTO_MAJOR_VERSION}.{RPC_PROTO_MINOR_VERSION}.{RPC_PROTO_PATCH_VERSION}"
+
+
+def rpc_max_servers() -> int:
+    return GGML_RPC_MAX_SERVERS
+
+
+def rpc_start_server(str endpoint, size_t n_threads):
+    """Serve this process's CPU device over ggml's RPC protocol at ``endpoint``.
+
+    Blocks for as long as the server runs (it only returns when it cannot bind or
+    accept); the GIL is released. Raises RuntimeError when RPC is not built in.
+    """
+    cdef rpc_start_server_fn start = <rpc_start_server_fn> _rpc_proc(b"ggml_backend_rpc_start_server")
+    if start == NULL:
+        raise RuntimeError("this build of mullama has no RPC backend")
+    cdef ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    if cpu == NULL:
+        raise RuntimeError("no CPU device to serve")
+    cdef bytes bendpoint = endpoint.encode("ascii")
+    cdef const char * cendpoint = bendpoint
+    with nogil:
+        start(cendpoint, NULL, n_threads, 1, &cpu)
+
+
+cdef list _rpc_devices(list endpoints):
+    """The devices of each RPC server (as integers holding ggml_backend_dev_t), in order.
+
+    Every endpoint must already have answered a TCP connect: ggml aborts the process
+    when a server it is asked to add cannot be reached."""
+    cdef rpc_add_server_fn add = <rpc_add_server_fn> _rpc_proc(b"ggml_backend_rpc_add_server")
+    cdef ggml_backend_reg_t reg
+    cdef bytes bendpoint
+    cdef const char * cendpoint
+    cdef size_t i
+    if add == NULL:
+        raise errors.ModelLoadError("this build of mullama has no RPC backend (rebuild with MULLAMA_RPC=1)")
+    devices = []
+    for endpoint in endpoints:
+        bendpoint = endpoint.encode("ascii")
+        cendpoint = bendpoint
+        with nogil:
+            reg = mll_rpc_add_server(add, cendpoint)
+        if reg == NULL:
+            if _threw():
+                raise errors.ModelLoadError(f"adding the RPC server {endpoint} failed: llama.cpp threw "
+                                            + mll_guard_error().decode("utf-8", "replace"))
+            raise errors.ModelLoadError(f"the RPC server {endpoint} offers no device")
+        for i in range(ggml_backend_reg_dev_count(reg)):
+            devices.append(<size_t> ggml_backend_reg_dev_get(reg, i))
+    return devices
+
+
 cdef str _vocab_hint(str path):
     return f"the vocabulary of {path!r} is broken or not supported"
 
@@ -123,14 +197,45 @@ cdef class ModelHandle:
     """Owns one ``llama_model``. ``close()`` is idempotent; ``__dealloc__`` frees too."""
 
     def __cinit__(self, str path, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
-                  bint vocab_only=False):
+                  bint vocab_only=False, list rpc_servers=None, list tensor_split=None):
+        """``rpc_servers`` (validated, reachable ``HOST:PORT`` strings) puts the layers on
+        the devices of those servers and nowhere else: the list is passed to llama.cpp
+        explicitly, so other models of the process keep their own devices.
+        ``tensor_split`` (one non-negative weight per device) shares the layers out."""
         cdef llama_model_params params
         cdef bytes bpath = os.fsencode(path)
         cdef const char * cpath = bpath
+        cdef ggml_backend_dev_t * devices = NULL
+        cdef float * split = NULL
+        cdef size_t i, n_max
         init_backend()
         self.path = path
         self.model = NULL
         params = llama_model_default_params()
+        if rpc_servers:
+            found = _rpc_devices(rpc_servers)
+            n_max = llama_max_devices()
+            if <size_t> len(found) > n_max:
+                raise errors.ModelLoadError(
+                    f"the RPC servers offer {len(found)} devices; llama.cpp takes at most {n_max}", path=path)
+            if tensor_split is not None and len(tensor_split) != len(found):
+                raise errors.ModelLoadError(
+                    f"tensor_split has {len(tensor_split)} weights but the RPC servers offer {len(found)} "
+                    f"devices (one weight per device)", path=path)
+            devices = <ggml_backend_dev_t *> calloc(len(found) + 1, sizeof(ggml_backend_dev_t))
+            split = <float *> calloc(n_max, sizeof(float))
+            if devices == NULL or split == NULL:
+                free(devices)
+                free(split)
+                raise MemoryError()
+            for i in range(len(found)):
+                devices[i] = <ggml_backend_dev_t> <size_t> found[i]
+                if tensor_split is not None:
+                    split[i] = tensor_split[i]
+            params.devices = devices
+            params.split_mode = LLAMA_SPLIT_MODE_LAYER
+            if tensor_split is not None:
+                params.tensor_split = split
         params.n_gpu_layers = n_gpu_layers
         if use_mmap:
             params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else LLAMA_LOAD_MODE_MMAP
@@ -140,6 +245,9 @@ cdef class ModelHandle:
         take_log()
         with nogil:
             self.model = mll_model_load_from_file(cpath, params)
+        # llama.cpp copied the device list and the split into the model
+        free(devices)
+        free(split)
         if self.model == NULL:
             if _threw():
                 raise errors.model_load_error(
@@ -186,7 +294,8 @@ cdef class ModelHandle:
             "n_ctx_train": llama_model_n_ctx_train(self.model),
             "n_embd": llama_model_n_embd(self.model),
             "n_layer": llama_model_n_layer(self.model),
-            "n_head": llama_model_n_head(self.model),
+            # a vocabulary-only model has no layers, and n_head of layer 0 would abort
+            "n_head": llama_model_n_head(self.model) if llama_model_n_layer(self.model) > 0 else 0,
             "size": llama_model_size(self.model),
             "n_params": llama_model_n_params(self.model),
             "has_encoder": llama_model_has_encoder(self.model),
