@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from mullama.errors import MullamaError
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (MullamaError, ValueError, TypeError, OSError) as exc:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
-__all__ = ["add_parsers", "add_rpc_arguments", "rpc_load_options"]
+__all__ = ["add_parsers", "add_rpc_arguments", "add_serve_arguments", "rpc_load_options", "supervise_serve"]
 
 
 def add_rpc_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,3 +51,62 @@ def _rpc_server(args: argparse.Namespace) -> int:
     from mullama.rpc import serve
 
     return serve(args.host, args.port, args.threads)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """``mullama serve``'s RPC options (the listening-socket one is internal)."""
+    group = p.add_argument_group(
+        "layers on RPC servers (a build with MULLAMA_RPC=1)",
+        "The HTTP server then runs in a child process that holds the model, watched by this one: "
+        "llama.cpp aborts a process whose RPC server dies, so this process reports it, waits until "
+        "every RPC server answers again and starts a new child on the same socket.")
+    group.add_argument("--rpc", metavar="HOST:PORT,...", default=None,
+                       help="put the model's layers on these RPC servers ('mullama rpc-server')")
+    group.add_argument("--tensor-split", metavar="W,...", default=None,
+                       help="share of the layers for each server's device, e.g. 1,1")
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
+    """Run ``mullama serve`` on ``sock`` in a child process; start a new one when it dies
+    because an RPC server went away (once every server answers again)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mullama import errors
+    from mullama.rpc import check_reachable, parse_endpoints
+
+    servers = parse_endpoints(args.rpc)
+    cmd = [sys.executable, "-m", "mullama", *args.argv, "--listen-fd", str(sock.fileno())]
+    child: subprocess.Popen | None = None
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            child = subprocess.Popen(cmd, pass_fds=[sock.fileno()])
+            code = child.wait()
+            if stopping or code >= 0:
+                return code
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            print(f"mullama: the serving process died ({name}); an RPC server of {','.join(servers)} stopped "
+                  f"answering. A new one starts when every RPC server answers.", file=sys.stderr, flush=True)
+            while not stopping:
+                try:
+                    check_reachable(servers, timeout=1.0)
+                    break
+                except errors.ModelLoadError:
+                    time.sleep(1.0)
+            if stopping:
+                return 0
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

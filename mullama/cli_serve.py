@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 
 __all__ = ["add_parsers"]
@@ -44,6 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     ray.add_argument("--target-ongoing-requests", type=float, default=None,
                      help="autoscaling target of requests per replica (default: its slots)")
+    from mullama.cli_rpc import add_serve_arguments
+
+    add_serve_arguments(p)
     p.set_defaults(func=_serve)
 
 
@@ -67,12 +71,27 @@ def _serve(args: argparse.Namespace) -> int:
     ray_flags = (args.replicas, args.ray_address, args.ray_cpus, args.replica_cpus, args.min_replicas,
                  args.max_replicas, args.target_ongoing_requests)
     if any(flag is not None for flag in ray_flags):
+        if args.rpc is not None:
+            raise ValueError("--rpc and Ray Serve replicas do not go together: each replica would need its "
+                             "own RPC servers (an RPC server serves one client at a time)")
         from mullama.cli_serve_ray import serve_replicas
 
         return serve_replicas(args, path, model_id, settings)
-    sock = bind_socket(settings.host, settings.port)
+    from mullama.cli_rpc import rpc_load_options, supervise_serve
+
+    load_options = rpc_load_options(args)
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+    else:
+        sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    model = AsyncModel(Model.load(path), n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
+    if load_options and args.listen_fd is None:
+        try:
+            return supervise_serve(args, sock)
+        finally:
+            sock.close()
+    # with --rpc this is the supervised child: the engine runs here, in the server's process
+    model = AsyncModel(Model.load(path, **load_options, in_process=bool(load_options)), n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
                        max_queue=args.max_queue, prefix_cache=args.prefix_cache)
 
     async def until_signal() -> None:

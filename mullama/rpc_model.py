@@ -16,11 +16,15 @@ tokenizing, chat templates and metadata never cross the pipe.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Iterator
 
 from mullama import errors
@@ -49,15 +53,9 @@ def _stream_state(it: Any) -> dict[str, Any]:
             "tokens_generated": it.tokens_generated, "is_finished": it.is_finished, "stats": it.stats}
 
 
-def _child_main(conn: Any, stderr_path: str | None) -> None:
+def _child_main(conn: Any) -> None:
     """The child: load, then answer requests until the pipe closes or says exit."""
-    if stderr_path is not None:
-        fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
-        os.dup2(fd, 2)
-        os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent, which closes us
-    # an abort here is expected when a server dies: skip ggml's gdb backtrace (seconds, and noise)
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     from mullama.context import Context
 
     model: Model | None = None
@@ -121,19 +119,34 @@ def _child_main(conn: Any, stderr_path: str | None) -> None:
 
 
 class _Child:
-    """The child process and its pipe; one request at a time."""
+    """The child process and its end of the pipe; one request at a time.
+
+    The child is a fresh interpreter running this module (not multiprocessing's
+    spawn, which would import the user's main script again)."""
 
     def __init__(self) -> None:
-        mp = multiprocessing.get_context("spawn")
-        self._conn, child_conn = mp.Pipe()
+        parent_sock, child_sock = socket.socketpair()
         self._stderr_path: str | None = None
+        stderr = None
         if not os.environ.get("MULLAMA_LOG"):
             fd, self._stderr_path = tempfile.mkstemp(prefix="mullama-rpc-", suffix=".log")
-            os.close(fd)
-        self._proc = mp.Process(target=_child_main, args=(child_conn, self._stderr_path),
-                                name="mullama-rpc-engine", daemon=True)
-        self._proc.start()
-        child_conn.close()  # only the child holds its end: its death reads as EOF here
+            stderr = os.fdopen(fd, "wb")
+        env = dict(os.environ)
+        # the same mullama as here, wherever it was imported from
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # an abort there is expected when a server dies: skip ggml's gdb backtrace (seconds, and noise)
+        env.setdefault("GGML_NO_BACKTRACE", "1")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "mullama.rpc_model", str(child_sock.fileno())],
+                pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr, env=env)
+        finally:
+            child_sock.close()  # only the child holds its end: its death reads as EOF here
+            if stderr is not None:
+                stderr.close()
+        self._conn = Connection(parent_sock.detach())
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.dead: str | None = None
@@ -162,8 +175,10 @@ class _Child:
         return answer
 
     def _death_cause(self) -> str:
-        self._proc.join(5)
-        code = self._proc.exitcode
+        try:
+            code = self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             how = "stopped answering"
         elif code < 0:
@@ -205,10 +220,11 @@ class _Child:
                     pass
                 self.dead = "the RPC-backed model is closed"
             self._conn.close()
-        self._proc.join(10)
-        if self._proc.exitcode is None:
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
-            self._proc.join()
+            self._proc.wait()
         if self._stderr_path is not None:
             try:
                 os.unlink(self._stderr_path)
@@ -401,3 +417,7 @@ class RpcStream(Iterator[Any]):
     @property
     def stats(self) -> Any:
         return self._state["stats"]
+
+
+if __name__ == "__main__":
+    _child_main(Connection(int(sys.argv[1])))
