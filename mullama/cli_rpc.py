@@ -70,6 +70,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     """Run ``mullama serve`` on ``sock`` in a child process; start a new one when it dies
     because an RPC server went away (once every server answers again)."""
+    import os
     import signal
     import subprocess
     import sys
@@ -80,6 +81,9 @@ def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
     servers = parse_endpoints(args.rpc)
     cmd = [sys.executable, "-m", "mullama", *args.argv, "--listen-fd", str(sock.fileno())]
+    # the child's abort is expected when a server dies: no gdb backtrace (seconds, and noise)
+    env = dict(os.environ)
+    env.setdefault("GGML_NO_BACKTRACE", "1")
     child: subprocess.Popen | None = None
     stopping = False
 
@@ -92,7 +96,7 @@ def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
-            child = subprocess.Popen(cmd, pass_fds=[sock.fileno()])
+            child = subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env)
             code = child.wait()
             if stopping or code >= 0:
                 return code

@@ -61,6 +61,7 @@ def _child_main(conn: Any) -> None:
     model: Model | None = None
     contexts: dict[int, Context] = {}
     streams: dict[int, Iterator[Any]] = {}
+    stream_owner: dict[int, int] = {}
     while True:
         try:
             msg = conn.recv()
@@ -83,7 +84,12 @@ def _child_main(conn: Any) -> None:
             elif op == "get":
                 conn.send(("ok", getattr(contexts[msg[1]], msg[2])))
             elif op == "stream":
+                # a new generation on a context supersedes its older streams: forget them
+                for sid in [sid for sid, owner in stream_owner.items() if owner == msg[1]]:
+                    streams.pop(sid, None)
+                    stream_owner.pop(sid, None)
                 streams[msg[2]] = getattr(contexts[msg[1]], msg[3])(*msg[4], **msg[5])
+                stream_owner[msg[2]] = msg[1]
                 conn.send(("ok", None))
             elif op == "next":
                 it = streams[msg[1]]
@@ -170,6 +176,19 @@ class _Child:
             except (EOFError, OSError):
                 self.dead = self._death_cause()
                 raise error(self.dead) from None
+            except BaseException:
+                # Ctrl-C while the child works: its answer would be read as the next
+                # request's. One token is quick to wait for; anything else may not be.
+                if msg[0] == "next":
+                    try:
+                        self._conn.recv()
+                        raise
+                    except (EOFError, OSError):
+                        pass
+                self._proc.kill()
+                self._proc.wait()
+                self.dead = "the RPC engine process was stopped when a call to it was interrupted"
+                raise
         if answer[0] == "err":
             raise _rebuild(answer[1])
         return answer

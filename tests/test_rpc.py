@@ -310,3 +310,94 @@ def test_local_load_after_an_rpc_load_stays_local(model_path, model):
     with mullama.Context(model, n_ctx=128, n_threads=1) as ctx:
         expected = ctx.generate("The capital of France is", 8, mullama.SamplerParams(temperature=0.0))
     assert f"LOCAL:{expected}\n" in result.stdout
+
+
+def _complete(port: int, prompt: str, max_tokens: int) -> tuple[int, dict]:
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@needs_rpc
+def test_serve_rpc_survives_a_dead_server(model_path, model):
+    """``mullama serve --rpc``: the HTTP server runs in a child the command watches; when an
+    RPC server dies the child aborts, and a new one serves on the same socket once the
+    RPC server is back."""
+    import queue
+    import re
+    import threading
+
+    own = RpcServers(2)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "mullama", "serve", "--port", "0", "--rpc", ",".join(own.endpoints),
+         "--tensor-split", "1,1", "--parallel", "1", "--n-ctx", "256", "--threads", "1", "--model", model_path,
+         "--model-id", "tiny"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=child_env(f"MULLAMA_TEST_RPC={own.marker}"), cwd=TESTS)
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def read() -> None:
+        for line in serve.stderr:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def wait_for(pattern: str) -> re.Match:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, "".join(log)[-3000:]
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no {pattern!r} in:\n" + "".join(log)[-3000:])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        port = int(wait_for(r"serving tiny on http://127\.0\.0\.1:(\d+) ").group(1))
+        with mullama.Context(model, n_ctx=256, n_threads=1) as ctx:
+            reference = ctx.generate("Hello", 6, mullama.SamplerParams(temperature=0.0))
+        status, body = _complete(port, "Hello", 6)
+        assert status == 200 and body["usage"]["completion_tokens"] == 6
+        # the split model's greedy text may drift from the local one, but not its first token
+        assert body["choices"][0]["text"][:2] == reference[:2]
+        dead_port = int(own.endpoints[1].rsplit(":", 1)[1])
+        own.procs[1].send_signal(signal.SIGKILL)
+        own.procs[1].wait()
+        with pytest.raises(OSError):  # the serving child aborts on this request's first step
+            _complete(port, "Hello", 6)
+        wait_for(r"the serving process died \(SIGABRT\)")
+        assert serve.poll() is None
+        own.start(dead_port)
+        wait_for(r"serving tiny on http://127\.0\.0\.1:%d " % port)
+        status, again = _complete(port, "Hello", 6)
+        assert status == 200 and again["choices"][0]["text"] == body["choices"][0]["text"]
+        socks = proc_net.inet_sockets(own.pids())
+        assert socks and all(s.on_loopback for s in socks), [s for s in socks if not s.on_loopback]
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, "".join(log)[-3000:]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        reader.join(30)
+        serve.stderr.close()
+        own.stop()
+    deadline = time.monotonic() + 30
+    while own.pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert own.pids() == [], [proc_net.command_line(p) for p in own.pids()]
