@@ -34,8 +34,8 @@ __all__ = [
 
 DEFAULT_PORT = 50052
 CONNECT_TIMEOUT = 3.0
-REBUILD_HINT = ("rebuild it with ggml's RPC backend: MULLAMA_RPC=1 pip install --no-binary mullama mullama "
-                "(or MULLAMA_RPC=1 python setup.py build_ext --inplace in a checkout)")
+REBUILD_HINT = ("rebuild it with ggml's RPC backend: MULLAMA_RPC=1 pip install . in mullama's source tree "
+                "(or MULLAMA_RPC=1 python setup.py build_ext --inplace there)")
 SECURITY_WARNING = (
     "WARNING: ggml's RPC protocol has no authentication and no encryption, and its server has had "
     "remote-code-execution vulnerabilities. Never expose an RPC server to an untrusted network: "

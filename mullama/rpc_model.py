@@ -92,7 +92,10 @@ def _child_main(conn: Any) -> None:
                 stream_owner[msg[2]] = msg[1]
                 conn.send(("ok", None))
             elif op == "next":
-                it = streams[msg[1]]
+                it = streams.get(msg[1])
+                if it is None:
+                    raise errors.StreamingError(
+                        "this stream was superseded by a newer generation on the same context")
                 try:
                     item = next(it)
                 except StopIteration:
@@ -117,7 +120,10 @@ def _child_main(conn: Any) -> None:
         except Exception as exc:  # the parent raises it again
             if op == "next":
                 streams.pop(msg[1], None)
-            conn.send(("err", _exception_payload(exc)))
+            try:
+                conn.send(("err", _exception_payload(exc)))
+            except Exception:  # an attribute that does not pickle: the message still goes
+                conn.send(("err", (errors.MullamaError, f"{type(exc).__name__}: {exc}", {})))
     for ctx in contexts.values():
         ctx.close()
     if model is not None:

@@ -243,6 +243,11 @@ def test_split_model_errors_come_back_as_the_same_exceptions(split_model):
             ctx.generate("hi", max_tokens=4, params="greedy")
         logits = ctx.logits("Hello")
         assert logits.shape == (split_model.n_vocab,) and np.isfinite(logits).all()
+        older = ctx.generate_stream("Hello", max_tokens=8)
+        next(older)
+        assert len(list(ctx.generate_stream("Hi", max_tokens=2))) >= 1
+        with pytest.raises(mullama.StreamingError, match="superseded"):
+            next(older)
     with pytest.raises(TypeError, match="in_process=True"):
         mullama.AsyncModel(split_model)
 
