@@ -311,6 +311,7 @@ def test_local_load_after_an_rpc_load_stays_local(model_path, model):
             capture_output=True, text=True, env=child_env("x"), cwd=TESTS, timeout=240)
     finally:
         own.stop()
+    assert own.pids() == []
     assert result.returncode == 0, result.stderr[-3000:]
     with mullama.Context(model, n_ctx=128, n_threads=1) as ctx:
         expected = ctx.generate("The capital of France is", 8, mullama.SamplerParams(temperature=0.0))
