@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
                            grammar=_read_text(args.grammar_file) if args.grammar_file else None,
                            json_schema=_read_schema(args.json_schema) if args.json_schema else None)
     path = store.resolve(args.model) if args.model else default_model_path()
-    with Model.load(path, **cli_rpc.rpc_load_options(args)) as model, Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
+    with Model.load(path, **cli_rpc.rpc_load_options(args)) as model, \
+            Context(model, n_ctx=args.n_ctx, n_threads=args.threads) as ctx:
         if args.chat:
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
         stream = ctx.generate_stream(prompt, max_tokens=args.max_tokens, params=params, stop=args.stop)

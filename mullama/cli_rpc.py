@@ -7,6 +7,11 @@ import socket
 
 __all__ = ["add_parsers", "add_rpc_arguments", "add_serve_arguments", "rpc_load_options", "supervise_serve"]
 
+# a serving child that dies this many times in a row, each within this many seconds of its start,
+# is not restarted again
+QUICK_DEATHS = 3
+QUICK_DEATH_S = 30.0
+
 
 def add_rpc_arguments(p: argparse.ArgumentParser) -> None:
     """``--rpc`` and ``--tensor-split``, shared by run and serve."""
@@ -70,20 +75,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     """Run ``mullama serve`` on ``sock`` in a child process; start a new one when it dies
     because an RPC server went away (once every server answers again)."""
-    import os
     import signal
     import subprocess
     import sys
     import time
 
     from mullama import errors
-    from mullama.rpc import check_reachable, parse_endpoints
+    from mullama.rpc import check_reachable, child_env, parse_endpoints
 
     servers = parse_endpoints(args.rpc)
     cmd = [sys.executable, "-m", "mullama", *args.argv, "--listen-fd", str(sock.fileno())]
-    # the child's abort is expected when a server dies: no gdb backtrace (seconds, and noise)
-    env = dict(os.environ)
-    env.setdefault("GGML_NO_BACKTRACE", "1")
+    env = child_env()
     child: subprocess.Popen | None = None
     stopping = False
 
@@ -94,12 +96,20 @@ def supervise_serve(args: argparse.Namespace, sock: socket.socket) -> int:
             child.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    quick_deaths = 0
     try:
         while True:
+            started = time.monotonic()
             child = subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env)
             code = child.wait()
             if stopping or code >= 0:
                 return code
+            # a server that accepts connections but breaks every load would restart us forever
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH_S else 0
+            if quick_deaths >= QUICK_DEATHS:
+                print(f"mullama: the serving process died {quick_deaths} times within {QUICK_DEATH_S:.0f} s of "
+                      f"its start; giving up", file=sys.stderr, flush=True)
+                return 1
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             print(f"mullama: the serving process died ({name}); an RPC server of {','.join(servers)} stopped "
                   f"answering. A new one starts when every RPC server answers.", file=sys.stderr, flush=True)

@@ -8,6 +8,8 @@ import signal
 import socket
 import sys
 
+from mullama.cli_rpc import add_serve_arguments, rpc_load_options, supervise_serve
+
 __all__ = ["add_parsers"]
 
 
@@ -45,8 +47,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     ray.add_argument("--target-ongoing-requests", type=float, default=None,
                      help="autoscaling target of requests per replica (default: its slots)")
-    from mullama.cli_rpc import add_serve_arguments
-
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
 
@@ -77,8 +77,6 @@ def _serve(args: argparse.Namespace) -> int:
         from mullama.cli_serve_ray import serve_replicas
 
         return serve_replicas(args, path, model_id, settings)
-    from mullama.cli_rpc import rpc_load_options, supervise_serve
-
     load_options = rpc_load_options(args)
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
@@ -91,8 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             sock.close()
     # with --rpc this is the supervised child: the engine runs here, in the server's process
-    model = AsyncModel(Model.load(path, **load_options, in_process=bool(load_options)), n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
-                       max_queue=args.max_queue, prefix_cache=args.prefix_cache)
+    model = AsyncModel(Model.load(path, **load_options, in_process=bool(load_options)), n_ctx=args.n_ctx,
+                       n_parallel=args.parallel, n_threads=args.threads, max_queue=args.max_queue,
+                       prefix_cache=args.prefix_cache)
 
     async def until_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from mullama import errors
 
 __all__ = [
     "DEFAULT_PORT",
+    "child_env",
     "SECURITY_WARNING",
     "rpc_available",
     "require_rpc",
@@ -40,6 +43,17 @@ SECURITY_WARNING = (
     "WARNING: ggml's RPC protocol has no authentication and no encryption, and its server has had "
     "remote-code-execution vulnerabilities. Never expose an RPC server to an untrusted network: "
     "bind it to 127.0.0.1, or to a private network that only trusted machines reach.")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process that runs an RPC-backed engine: it imports this
+    same mullama, and its abort() (expected when a server dies) skips ggml's gdb backtrace,
+    which takes seconds and says nothing new."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("GGML_NO_BACKTRACE", "1")
+    return env
 
 
 def rpc_available() -> bool:

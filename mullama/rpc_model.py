@@ -24,11 +24,11 @@ import sys
 import tempfile
 import threading
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Iterator
 
 from mullama import errors
 from mullama.model import Model
+from mullama.rpc import child_env
 
 __all__ = ["RpcModel", "RpcContext", "RpcStream"]
 
@@ -143,17 +143,11 @@ class _Child:
         if not os.environ.get("MULLAMA_LOG"):
             fd, self._stderr_path = tempfile.mkstemp(prefix="mullama-rpc-", suffix=".log")
             stderr = os.fdopen(fd, "wb")
-        env = dict(os.environ)
-        # the same mullama as here, wherever it was imported from
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        # an abort there is expected when a server dies: skip ggml's gdb backtrace (seconds, and noise)
-        env.setdefault("GGML_NO_BACKTRACE", "1")
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "mullama.rpc_model", str(child_sock.fileno())],
                 pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, env=env)
+                stderr=stderr, env=child_env())
         finally:
             child_sock.close()  # only the child holds its end: its death reads as EOF here
             if stderr is not None:
