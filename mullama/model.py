@@ -116,8 +116,9 @@ class Model:
         ``rpc_servers`` (``["HOST:PORT", ...]`` or ``"HOST:PORT,..."``; servers started
         with ``mullama rpc-server``, build with ``MULLAMA_RPC=1``) puts the layers on those
         servers' devices only, shared out by ``tensor_split`` (one weight per device;
-        default: by the servers' free memory). Each server must answer a TCP connect first,
-        else :class:`ModelLoadError`. The model then runs in a child process
+        default: by the servers' free memory). Each server must answer ggml's RPC handshake
+        first (reachable, not busy with another client, the same protocol), else
+        :class:`ModelLoadError`. The model then runs in a child process
         (:class:`~mullama.rpc_model.RpcModel`), because llama.cpp aborts the process
         whose RPC server dies: that turns into :class:`GenerationError` here.
         ``in_process=True`` loads it in this process instead (what ``AsyncModel`` and

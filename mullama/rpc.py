@@ -109,21 +109,61 @@ def parse_endpoints(servers: str | Iterable[str]) -> list[str]:
     return out
 
 
-def check_reachable(endpoints: Sequence[str], timeout: float = CONNECT_TIMEOUT) -> None:
-    """Raise :class:`ModelLoadError` unless every endpoint accepts a TCP connection.
+_CMD_HELLO = 14          # RPC_CMD_HELLO, fixed across protocol versions
+_CONN_CAPS_SIZE = 24     # RPC_CONN_CAPS_SIZE of ggml-rpc's transport.h at the pin
+_HANDSHAKE_MAX = 1024
 
-    ggml's RPC client calls ``abort()`` when it cannot connect; this check turns the
-    common case (a server not started, a wrong port or host) into an exception."""
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def check_reachable(endpoints: Sequence[str], timeout: float = CONNECT_TIMEOUT) -> None:
+    """Raise :class:`ModelLoadError` unless every endpoint answers ggml's RPC handshake
+    (HELLO) with a protocol version this build speaks.
+
+    ggml's RPC client calls ``abort()`` when it cannot connect or the handshake fails,
+    and waits forever on a server busy with another client (a server serves one client
+    at a time): this check turns those cases into an exception."""
+    from mullama._engine._model import rpc_protocol_version
+
+    ours = rpc_protocol_version()
+    our_major, our_minor = (int(x) for x in ours.split(".")[:2])
     for endpoint in endpoints:
         host, port = _split_endpoint(endpoint)
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
+            sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise errors.ModelLoadError(
                 f"RPC server {endpoint} is not reachable ({reason}); start it there with "
                 f"'mullama rpc-server --port {port}'") from None
+        try:
+            with sock:
+                sock.sendall(bytes([_CMD_HELLO]) + _CONN_CAPS_SIZE.to_bytes(8, "little") + bytes(_CONN_CAPS_SIZE))
+                size = int.from_bytes(_recv_exact(sock, 8), "little")
+                if not 3 <= size <= _HANDSHAKE_MAX:
+                    raise EOFError
+                major, minor, patch = _recv_exact(sock, size)[:3]
+        except socket.timeout:
+            raise errors.ModelLoadError(
+                f"RPC server {endpoint} accepted the connection but did not answer ggml's RPC handshake "
+                f"within {timeout:g} s: it serves one client at a time and may be busy with another, "
+                f"or it is not a ggml RPC server") from None
+        except (EOFError, OSError):
+            raise errors.ModelLoadError(
+                f"RPC server {endpoint} broke off ggml's RPC handshake: it is not a ggml RPC server, or "
+                f"one of another protocol version (this build speaks {ours})") from None
+        if major != our_major or minor > our_minor:
+            raise errors.ModelLoadError(
+                f"RPC server {endpoint} speaks ggml RPC protocol {major}.{minor}.{patch}; this build "
+                f"speaks {ours}: run the same mullama (or llama.cpp) version on both sides")
 
 
 def check_tensor_split(split: Sequence[float] | None, n_servers: int) -> list[float] | None:

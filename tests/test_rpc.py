@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -253,6 +254,44 @@ def test_split_model_errors_come_back_as_the_same_exceptions(split_model):
 
 
 @needs_rpc
+def test_busy_server_is_a_model_load_error(split_model, servers, model_path):
+    """A server serves one client at a time: while the split model holds both, another
+    load gets ModelLoadError from the handshake check (ggml's client would wait forever)."""
+    with pytest.raises(ModelLoadError, match="busy"):
+        mullama.Model.load(model_path, rpc_servers=servers.endpoints[:1])
+
+
+@needs_rpc
+def test_a_socket_that_is_no_rpc_server_is_a_model_load_error():
+    with socket.socket() as silent, socket.socket() as closing:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        closing.bind(("127.0.0.1", 0))
+        closing.listen()
+        with pytest.raises(ModelLoadError, match="did not answer"):
+            rpc.check_reachable([f"127.0.0.1:{silent.getsockname()[1]}"], timeout=0.5)
+        def hang_up() -> None:
+            conn, _ = closing.accept()
+            conn.close()
+
+        t = threading.Thread(target=hang_up)
+        t.start()
+        with pytest.raises(ModelLoadError, match="broke off"):
+            rpc.check_reachable([f"127.0.0.1:{closing.getsockname()[1]}"], timeout=5)
+        t.join()
+
+
+@needs_rpc
+def test_tensor_split_needs_one_weight_per_device(model_path):
+    own = RpcServers(2)
+    try:
+        with pytest.raises(ModelLoadError, match="3 weights but the RPC servers offer 2 devices"):
+            mullama.Model.load(model_path, rpc_servers=own.endpoints, tensor_split=[1, 1, 1])
+    finally:
+        own.stop()
+
+
+@needs_rpc
 def test_server_killed_mid_stream_is_a_generation_error(model_path, model):
     """llama.cpp aborts the engine process; the parent gets GenerationError and lives on."""
     own = RpcServers(2)
@@ -340,7 +379,6 @@ def test_serve_rpc_survives_a_dead_server(model_path, model):
     RPC server is back."""
     import queue
     import re
-    import threading
 
     own = RpcServers(2)
     serve = subprocess.Popen(
