@@ -2,8 +2,9 @@
 
 A host runs ``mullama rpc-server`` (:func:`serve`); a client passes the servers
 to ``Model.load(path, rpc_servers=[...])``. This module holds what both sides
-check before llama.cpp is called: the endpoints, that each server answers a TCP
-connect (ggml aborts the process on an unreachable server), the layer split.
+check before llama.cpp is called: the endpoints, that each server answers ggml's
+handshake (ggml aborts the process on an unreachable server, and waits forever on
+a busy one), the layer split.
 
 The protocol has no authentication and no encryption, and its servers have had
 remote-code-execution bugs: a server must only ever be reachable from trusted

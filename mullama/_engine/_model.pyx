@@ -155,7 +155,7 @@ def rpc_start_server(str endpoint, size_t n_threads):
 cdef list _rpc_devices(list endpoints):
     """The devices of each RPC server (as integers holding ggml_backend_dev_t), in order.
 
-    Every endpoint must already have answered a TCP connect: ggml aborts the process
+    Every endpoint must already have answered the handshake (mullama.rpc): ggml aborts the process
     when a server it is asked to add cannot be reached."""
     cdef rpc_add_server_fn add = <rpc_add_server_fn> _rpc_proc(b"ggml_backend_rpc_add_server")
     cdef ggml_backend_reg_t reg
