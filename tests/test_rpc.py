@@ -34,7 +34,8 @@ START_TIMEOUT = 60.0
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colors are"]
 N_TOKENS = 24
 # Bound on how far (in nats) a token the split model picks may sit below the local argmax.
-# Measured on the default model, 10 prompts x 32 greedy tokens, flash attention auto and off:
+# Measured by benchmarks/rpc_numerics.py on the default model, 10 prompts x 32 greedy tokens,
+# flash attention auto and off:
 # the split and the local run give the same tokens a log-probability up to 0.36 apart
 # (p99 0.26; the local CPU backend repacks some weights, the servers do not), and a picked
 # token was at most 0.32 below the local argmax. A layer lost, doubled or run out of
