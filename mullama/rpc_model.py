@@ -210,7 +210,7 @@ class _Child:
         said = self._last_words()
         msg = f"the RPC engine process (pid {self._proc.pid}) {how}"
         if said:
-            msg += f"; llama.cpp said: {said}"
+            msg += f"; its log ends with: {said}"
         if code is not None and code == -signal.SIGABRT:
             msg += " (an RPC server died, was stopped or lost its connection)"
         return msg
