@@ -302,8 +302,9 @@ class RpcContext:
     """
 
     _FORWARDED = frozenset({"generate", "logits", "score", "loglikelihood", "perplexity", "clear_cache",
-                            "save_state", "load_state", "cached_tokens"})
-    _FACTS = frozenset({"n_ctx", "n_batch", "n_threads", "seed", "n_decode_calls", "n_cached", "last_stats"})
+                            "save_state", "load_state", "cached_tokens", "kv_positions"})
+    _FACTS = frozenset({"n_ctx", "n_batch", "n_threads", "seed", "n_decode_calls", "n_cached", "last_stats",
+                        "prefix_stats", "grammar_stats"})
 
     def __init__(self, model: RpcModel, *args: Any, **kwargs: Any) -> None:
         if model.closed:

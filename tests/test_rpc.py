@@ -245,6 +245,7 @@ def test_split_model_errors_come_back_as_the_same_exceptions(split_model):
             ctx.generate("hi", max_tokens=4, params="greedy")
         logits = ctx.logits("Hello")
         assert logits.shape == (split_model.n_vocab,) and np.isfinite(logits).all()
+        assert ctx.n_ctx == 64 and isinstance(ctx.grammar_stats, dict)
         older = ctx.generate_stream("Hello", max_tokens=8)
         next(older)
         assert len(list(ctx.generate_stream("Hi", max_tokens=2))) >= 1
