@@ -485,7 +485,7 @@ class AsyncModel:
         results = await self._score_all([(chunk, n_ctx // 2 + 1, 0) for chunk in chunks])
         return scoring.perplexity_of(results, n_ctx)
 
-    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool = True) -> Any:
+    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool | None = None) -> Any:
         """:meth:`Model.embed` in a worker thread (the event loop keeps running). Embedding
         runs on the model's embedding context, not on the generation engine; a cancelled
         call returns at once while the running decode finishes in its thread."""
@@ -493,6 +493,12 @@ class AsyncModel:
             raise ClosedError("the model is closed")
         return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize,
                                               abandon_on_cancel=True)
+
+    async def rerank(self, query: str, documents: Any) -> Any:
+        """:meth:`Model.rerank` in a worker thread, like :meth:`embed`."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        return await anyio.to_thread.run_sync(self._model.rerank, query, documents, abandon_on_cancel=True)
 
     # ------------------------------------------------------------ lifecycle
 
