@@ -140,6 +140,11 @@ class AsyncModel:
         return self._n_parallel
 
     @property
+    def n_threads(self) -> int:
+        """Decode threads (the engine's, and embedding's and reranking's too)."""
+        return self._context_kwargs["n_threads"]
+
+    @property
     def batching(self) -> bool:
         return self._engine is not None
 
@@ -491,14 +496,15 @@ class AsyncModel:
         call returns at once while the running decode finishes in its thread."""
         if self._closed:
             raise ClosedError("the model is closed")
-        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize,
+        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize, self.n_threads,
                                               abandon_on_cancel=True)
 
     async def rerank(self, query: str, documents: Any) -> Any:
         """:meth:`Model.rerank` in a worker thread, like :meth:`embed`."""
         if self._closed:
             raise ClosedError("the model is closed")
-        return await anyio.to_thread.run_sync(self._model.rerank, query, documents, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(self._model.rerank, query, documents, self.n_threads,
+                                              abandon_on_cancel=True)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -51,7 +51,7 @@ async def embeddings(request: Request) -> Response:
         return error_response(err)
 
     def work() -> tuple[np.ndarray, int]:
-        vectors = model.embed(items, pooling="mean", normalize=True)
+        vectors = model.embed(items, pooling="mean", normalize=True, n_threads=service.model.n_threads)
         n_tokens = sum(len(model.tokenize(t, add_special=True, parse_special=True)) if isinstance(t, str)
                        else len(t) for t in items)
         return vectors, n_tokens

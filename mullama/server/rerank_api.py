@@ -74,7 +74,7 @@ async def rerank(request: Request) -> Response:
 
     def work() -> tuple[list[float], int]:
         ids = _rerank.pairs(model, query, documents)
-        scores = embed(model, ids, pooling="rank", normalize=False)[:, 0]
+        scores = embed(model, ids, pooling="rank", normalize=False, n_threads=service.model.n_threads)[:, 0]
         return scores.tolist(), sum(int(t.size) for t in ids)
 
     try:
