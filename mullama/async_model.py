@@ -143,6 +143,11 @@ class AsyncModel:
         return self._n_parallel
 
     @property
+    def n_threads(self) -> int:
+        """Decode threads (the engine's, and embedding's and reranking's too)."""
+        return self._context_kwargs["n_threads"]
+
+    @property
     def batching(self) -> bool:
         return self._engine is not None
 
@@ -488,13 +493,20 @@ class AsyncModel:
         results = await self._score_all([(chunk, n_ctx // 2 + 1, 0) for chunk in chunks])
         return scoring.perplexity_of(results, n_ctx)
 
-    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool = True) -> Any:
+    async def embed(self, texts: Any, pooling: str | None = "mean", normalize: bool | None = None) -> Any:
         """:meth:`Model.embed` in a worker thread (the event loop keeps running). Embedding
         runs on the model's embedding context, not on the generation engine; a cancelled
         call returns at once while the running decode finishes in its thread."""
         if self._closed:
             raise ClosedError("the model is closed")
-        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize,
+        return await anyio.to_thread.run_sync(self._model.embed, texts, pooling, normalize, self.n_threads,
+                                              abandon_on_cancel=True)
+
+    async def rerank(self, query: str, documents: Any) -> Any:
+        """:meth:`Model.rerank` in a worker thread, like :meth:`embed`."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        return await anyio.to_thread.run_sync(self._model.rerank, query, documents, self.n_threads,
                                               abandon_on_cancel=True)
 
     # ------------------------------------------------------------ lifecycle

@@ -3,7 +3,9 @@
 The embedding context (``_engine/_embed.pyx``) is separate from every
 generation context: embeddings on, pooling fixed at creation, one unified KV
 stream and a micro-batch as large as the context. One is kept per model and
-pooling, and replaced by a larger one when a longer text comes.
+pooling, and replaced by a larger one when a longer text comes. "rank" pooling
+runs the model's classifier head on the pooled vector (a cross-encoder's
+relevance scores, see ``mullama.rerank``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["embed", "Pooling", "MAX_EMBED_TEXTS"]
 
-Pooling = Literal["mean", "last", "cls"] | None
+Pooling = Literal["mean", "last", "cls", "rank"] | None
 MAX_EMBED_TEXTS = 4096     # texts in one call
 _MIN_CTX = 512
 _SEQS = 64                 # texts per decode at most
@@ -88,15 +90,28 @@ def _embedder(model: "Model", pooling: str, n_tokens: int, n_threads: int) -> An
     return emb
 
 
-def embed(model: "Model", texts: Any, pooling: Pooling = "mean", normalize: bool = True,
+def check_classifier(model: "Model") -> None:
+    """Raise UnsupportedModelError unless ``model`` has a classifier head ("rank" pooling)."""
+    if not model._has_classifier:
+        raise errors.UnsupportedModelError(
+            f"{model.name!r} has no classifier head (cls / cls.output tensors): it cannot rerank or "
+            "give 'rank' scores; use a cross-encoder (reranker) model")
+
+
+def embed(model: "Model", texts: Any, pooling: Pooling = "mean", normalize: bool | None = None,
           n_threads: int | None = None) -> Any:
     """See :meth:`Model.embed`."""
     from mullama.context import default_threads
 
-    if pooling not in ("mean", "last", "cls", None):
-        raise ValueError(f"pooling must be 'mean', 'last', 'cls' or None, got {pooling!r}")
+    if pooling not in ("mean", "last", "cls", "rank", None):
+        raise ValueError(f"pooling must be 'mean', 'last', 'cls', 'rank' or None, got {pooling!r}")
     if model.closed:
         raise errors.ClosedError("the model is closed")
+    if pooling == "rank":
+        if normalize:
+            raise ValueError("'rank' pooling gives classifier scores, which are not normalized")
+        check_classifier(model)
+    normalize = pooling != "rank" if normalize is None else normalize
     ids = _token_lists(model, texts)
     longest = max(int(t.size) for t in ids)
     limit = model.n_ctx_train

@@ -24,6 +24,7 @@ __all__ = [
     "TokenizerError",
     "StateError",
     "TokenIdError",
+    "UnsupportedModelError",
     "QueueFullError",
     "DefaultModelMissingError",
     "ClosedError",
@@ -116,6 +117,11 @@ class StateError(MullamaError, ValueError):
 
 class TokenIdError(MullamaError, ValueError, IndexError):
     """A token id outside the model's vocabulary."""
+
+
+class UnsupportedModelError(MullamaError, ValueError):
+    """The model cannot do what was asked, e.g. reranking with a model that has no
+    classifier head."""
 
 
 class DefaultModelMissingError(MullamaError, LookupError):

@@ -204,8 +204,9 @@ class _Reader:
         return seen
 
 
-def validate_gguf_file(path: str) -> None:
-    """Raise ModelLoadError unless ``path`` is a GGUF file that is safe to hand to llama.cpp.
+def validate_gguf_file(path: str) -> frozenset[str]:
+    """Raise ModelLoadError unless ``path`` is a GGUF file that is safe to hand to llama.cpp;
+    return the names of its tensors.
 
     Checks the header, every metadata entry, the tensor table (shapes, types, data
     ranges), the vocabulary and the hyper-parameters llama.cpp asserts on. Reads
@@ -225,14 +226,14 @@ def validate_gguf_file(path: str) -> None:
         raise ModelLoadError(f"model path {path!r} is not a regular file", path=path)
     with os.fdopen(fd, "rb") as fh:
         try:
-            _check(_Reader(fh, st.st_size))
+            return _check(_Reader(fh, st.st_size))
         except _Bad as exc:
             raise ModelLoadError(f"invalid GGUF file {path!r}: {exc}", path=path) from None
         except OSError as exc:
             raise ModelLoadError(f"cannot read model file {path!r}: {exc.strerror or exc}", path=path) from None
 
 
-def _check(r: _Reader) -> None:
+def _check(r: _Reader) -> frozenset[str]:
     if r.size < 24:
         raise _Bad(f"file is only {r.size} bytes, too short for a GGUF header")
     magic = r.scalar(_MAGIC, "magic")
@@ -260,6 +261,7 @@ def _check(r: _Reader) -> None:
     _check_tensor_ranges(tensors, data_start, r.size)
     _check_vocab(kv, tensors, r.vocab)
     _check_hparams(kv, tensors)
+    return frozenset(tensors)
 
 
 def _new_name(r: _Reader, seen: dict, what: str, limit: int, if_empty: str, kind: str) -> str:

@@ -84,8 +84,10 @@ class Model:
     Tokenizing and reading metadata are thread-safe.
     """
 
-    def __init__(self, handle: ModelHandle) -> None:
+    def __init__(self, handle: ModelHandle, tensors: frozenset[str] = frozenset()) -> None:
         self._handle = handle
+        # a sequence-classification head (dense "cls" and/or projection "cls.output"): what reranking needs
+        self._has_classifier = bool(tensors & {"cls.weight", "cls.output.weight"})
         self._info = handle.info()
         self._metadata: dict[str, str] | None = None
         self._contexts: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -127,12 +129,12 @@ class Model:
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise TypeError("n_gpu_layers must be an integer")
         path = check_model_path(path)
-        validate_gguf_file(path)
+        tensors = validate_gguf_file(path)
         if rpc_servers is None:
             if tensor_split is not None:
                 raise ValueError("tensor_split shares layers among RPC servers: it needs rpc_servers")
             handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), bool(vocab_only))
-            return cls(handle)
+            return cls(handle, tensors)
         from mullama import rpc
 
         servers = rpc.parse_endpoints(rpc_servers)
@@ -147,7 +149,7 @@ class Model:
             return RpcModel(path, servers, {"n_gpu_layers": int(n_gpu_layers), "use_mmap": bool(use_mmap),
                                             "use_mlock": bool(use_mlock), "tensor_split": split})
         handle = ModelHandle(path, int(n_gpu_layers), bool(use_mmap), bool(use_mlock), False, servers, split)
-        return cls(handle)
+        return cls(handle, tensors)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -178,14 +180,20 @@ class Model:
 
     # ------------------------------------------------------------ embeddings
 
-    def embed(self, texts: "str | Iterable[str | TokenIds]", pooling: "Literal['mean', 'last', 'cls'] | None" = "mean",
-              normalize: bool = True, n_threads: int | None = None) -> Any:
+    def embed(self, texts: "str | Iterable[str | TokenIds]",
+              pooling: "Literal['mean', 'last', 'cls', 'rank'] | None" = "mean",
+              normalize: bool | None = None, n_threads: int | None = None) -> Any:
         """Embeddings of ``texts`` (strings, tokenized with BOS, or token-id lists) as a
         float32 ``numpy.ndarray`` of shape ``(len(texts), dim)``; a single string gives
         shape ``(1, dim)``. ``pooling`` combines a text's token vectors: ``"mean"``,
         ``"last"`` (the last token's, what causal-LM embedding models use) or ``"cls"`` (the
         first token's); ``None`` returns one ``(n_tokens, dim)`` array per text. With
-        ``normalize`` each vector has unit L2 norm.
+        ``normalize`` (the default) each vector has unit L2 norm.
+
+        ``"rank"`` runs the model's classifier head (a cross-encoder's) on the pooled
+        vector: shape ``(len(texts), n_cls_out)``, the head's raw outputs, never normalized;
+        a model without a head raises :class:`UnsupportedModelError`. To score query and
+        document pairs use :meth:`rerank`, which joins them as the model expects.
 
         Runs on an embedding context of the model's own (pooling fixed at creation, one
         micro-batch as large as the longest text, many texts per decode), separate from
@@ -195,6 +203,23 @@ class Model:
         from mullama.embeddings import embed
 
         return embed(self, texts, pooling, normalize, n_threads)
+
+    def rerank(self, query: str, documents: "str | Sequence[str]", n_threads: int | None = None) -> Any:
+        """Relevance of each of ``documents`` to ``query`` from the model's classifier head
+        (a cross-encoder reranker): a float32 ``numpy.ndarray`` of shape
+        ``(len(documents),)`` in the documents' order, higher meaning more relevant. The
+        scores are the head's raw first output (logits for most rerankers; apply a sigmoid
+        for a probability). Each pair is joined as llama.cpp's server joins it: the model's
+        "rerank" template when it has one, else ``[BOS] query [EOS] [SEP] document [EOS]``
+        with the special tokens the vocabulary adds.
+
+        A model without a classifier head raises :class:`UnsupportedModelError`; an empty
+        query or document, or a pair longer than the model's context, raises a
+        ``ValueError``. Blocks like :meth:`embed`, with all pairs batched together.
+        """
+        from mullama.rerank import rerank
+
+        return rerank(self, query, documents, n_threads)
 
     # ------------------------------------------------------------ facts
 

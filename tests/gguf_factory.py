@@ -235,3 +235,100 @@ def patch(data: bytes, offset: int, fmt: str, value: Any) -> bytes:
     """``data`` with ``struct.pack(fmt, value)`` written at ``offset``."""
     raw = struct.pack(fmt, value)
     return data[:offset] + raw + data[offset + len(raw):]
+
+
+# ---------------------------------------------------------------- a tiny BERT reranker
+
+RERANK_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "in", "park", "sun", "is", "hot", "cold",
+                "sea", "ship", "lighthouse", "keeper", "wrote", "log", "wind", "what", "where", "who"]
+
+
+def reranker_vocab() -> list[str]:
+    """A WordPiece vocabulary as llama.cpp reads it: specials, whole words with the phantom-space
+    prefix, and single letters (continuation pieces) so that any lowercase word tokenizes."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"\u2581{w}" for w in RERANK_WORDS]
+            + [f"\u2581{c}" for c in letters] + list(letters) + ["\u2581.", "\u2581?", "\u2581,"])
+
+
+def reranker_tensors(head: bool = True, n_labels: int = 1) -> dict[str, np.ndarray]:
+    """The weights of a 2-layer BERT (n_embd 64, 4 heads, GELU FFN 128) with, when ``head``, a
+    sequence-classification head: ``cls`` (dense + tanh) then ``cls.output`` (n_labels outputs).
+    Deterministic, so tests can recompute the model's outputs from them."""
+    rng = np.random.default_rng(7)
+    n_vocab = len(reranker_vocab())
+
+    def w(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1.0 + rng.standard_normal(N_EMBD) * 0.1).astype(np.float32)
+
+    t: dict[str, np.ndarray] = {
+        "token_embd.weight": w(n_vocab, N_EMBD, scale=1.0),
+        "token_types.weight": w(2, N_EMBD),
+        "position_embd.weight": w(RERANK_CTX, N_EMBD),
+        "token_embd_norm.weight": norm(), "token_embd_norm.bias": w(N_EMBD, scale=0.05),
+    }
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        t.update({
+            p + "attn_q.weight": w(N_EMBD, N_EMBD), p + "attn_q.bias": w(N_EMBD, scale=0.05),
+            p + "attn_k.weight": w(N_EMBD, N_EMBD), p + "attn_k.bias": w(N_EMBD, scale=0.05),
+            p + "attn_v.weight": w(N_EMBD, N_EMBD), p + "attn_v.bias": w(N_EMBD, scale=0.05),
+            p + "attn_output.weight": w(N_EMBD, N_EMBD), p + "attn_output.bias": w(N_EMBD, scale=0.05),
+            p + "attn_output_norm.weight": norm(), p + "attn_output_norm.bias": w(N_EMBD, scale=0.05),
+            p + "ffn_up.weight": w(N_FF, N_EMBD), p + "ffn_up.bias": w(N_FF, scale=0.05),
+            p + "ffn_down.weight": w(N_EMBD, N_FF), p + "ffn_down.bias": w(N_EMBD, scale=0.05),
+            p + "layer_output_norm.weight": norm(), p + "layer_output_norm.bias": w(N_EMBD, scale=0.05),
+        })
+    if head:
+        t.update({"cls.weight": w(N_EMBD, N_EMBD), "cls.bias": w(N_EMBD, scale=0.05),
+                  "cls.output.weight": w(n_labels, N_EMBD, scale=1.0), "cls.output.bias": w(n_labels, scale=0.1)})
+    return t
+
+
+RERANK_CTX = 128
+
+
+def tiny_reranker_bytes(head: bool = True, n_labels: int = 1) -> bytes:
+    """Bytes of a tiny BERT cross-encoder (``reranker_tensors``) with a WordPiece vocabulary;
+    with ``head`` it carries a classifier head and RANK pooling, as converted rerankers do."""
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    tokens = reranker_vocab()
+    a = "bert."
+    meta: dict[str, tuple[Any, VT]] = {
+        "general.name": ("tiny-reranker" if head else "tiny-bert", VT.STRING),
+        a + "context_length": (RERANK_CTX, VT.UINT32),
+        a + "embedding_length": (N_EMBD, VT.UINT32),
+        a + "block_count": (N_LAYER, VT.UINT32),
+        a + "feed_forward_length": (N_FF, VT.UINT32),
+        a + "attention.head_count": (N_HEAD, VT.UINT32),
+        a + "attention.layer_norm_epsilon": (1e-12, VT.FLOAT32),
+        a + "attention.causal": (False, VT.BOOL),
+        a + "pooling_type": (4 if head else 2, VT.UINT32),  # RANK, or CLS for a plain encoder
+        "tokenizer.ggml.model": ("bert", VT.STRING),
+        "tokenizer.ggml.tokens": (tokens, VT.ARRAY),
+        "tokenizer.ggml.token_type": ([3, 2, 3, 3, 3] + [1] * (len(tokens) - 5), VT.ARRAY),
+        "tokenizer.ggml.token_type_count": (2, VT.UINT32),
+        "tokenizer.ggml.padding_token_id": (0, VT.UINT32),
+        "tokenizer.ggml.unknown_token_id": (1, VT.UINT32),
+        "tokenizer.ggml.bos_token_id": (2, VT.UINT32),
+        "tokenizer.ggml.seperator_token_id": (3, VT.UINT32),
+        "tokenizer.ggml.eos_token_id": (3, VT.UINT32),
+        "tokenizer.ggml.mask_token_id": (4, VT.UINT32),
+    }
+    if head and n_labels > 1:
+        meta[a + "classifier.output_labels"] = ([f"label{i}" for i in range(n_labels)], VT.ARRAY)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rerank.gguf"
+        writer = gguf.GGUFWriter(str(out), "bert")
+        for key, (value, vtype) in meta.items():
+            writer.add_key_value(key, value, vtype)
+        for name, array in reranker_tensors(head, n_labels).items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return out.read_bytes()

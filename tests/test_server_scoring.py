@@ -100,6 +100,32 @@ def test_echo_with_generation(client, model):
     assert choice.logprobs.text_offset[n_prompt] == len(PROMPT)
 
 
+def test_streamed_echo(client, model):
+    """A streamed echo: the first chunk is the prompt with its legacy logprobs, the next ones
+    the generated tokens, each with its own entry; together they equal the non-streamed answer."""
+    kw = dict(model="mullama", prompt=PROMPT, echo=True, logprobs=2, max_tokens=5, temperature=0)
+    chunks = list(client.completions.create(stream=True, **kw))
+    whole = client.completions.create(**kw).choices[0]
+    first = chunks[0].choices[0]
+    n_prompt = len(model.tokenize(PROMPT))
+    assert first.text == PROMPT and len(first.logprobs.tokens) == n_prompt
+    assert first.logprobs.token_logprobs[0] is None and first.logprobs.top_logprobs[0] is None
+    assert first.logprobs.token_logprobs[1:] == whole.logprobs.token_logprobs[1:n_prompt]
+    generated = [c.choices[0] for c in chunks[1:] if c.choices and c.choices[0].logprobs]
+    assert all(len(g.logprobs.tokens) == 1 for g in generated)
+    tokens = first.logprobs.tokens + [t for g in generated for t in g.logprobs.tokens]
+    offsets = first.logprobs.text_offset + [o for g in generated for o in g.logprobs.text_offset]
+    values = first.logprobs.token_logprobs + [v for g in generated for v in g.logprobs.token_logprobs]
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    np.testing.assert_allclose(values[n_prompt:], whole.logprobs.token_logprobs[n_prompt:], atol=1e-4)
+    assert offsets[n_prompt] == len(PROMPT)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # without logprobs the first chunk is the bare prompt
+    plain = list(client.completions.create(stream=True, **{**kw, "logprobs": None}))
+    assert plain[0].choices[0].text == PROMPT and plain[0].choices[0].logprobs is None
+
+
 def test_tokenizer_endpoints(server, model):
     status, body = server.json("POST", "/tokenize", {"prompt": PROMPT, "add_special_tokens": False})
     assert status == 200 and body["tokens"] == model.tokenize(PROMPT, add_special=False)

@@ -7,7 +7,9 @@ unified KV stream for all sequences and a micro-batch as large as the
 context. Both matter: llama.cpp pools per micro-batch, so a text longer than
 ``n_ubatch`` would be pooled in pieces, and with a stream per sequence texts
 of different lengths in one decode pool wrongly. Many texts share a decode;
-the cache is cleared between decodes (nothing is reused).
+the cache is cleared between decodes (nothing is reused). With "rank" pooling a
+model's classifier head runs on the pooled vector and each text gives its
+``n_cls_out`` scores instead of an embedding.
 """
 
 from libc.stdint cimport int32_t
@@ -19,11 +21,13 @@ from mullama._engine._guard cimport mll_init_from_model, mll_decode, mll_guard_e
 from mullama import errors
 
 POOLING = {"none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEAN, "cls": LLAMA_POOLING_TYPE_CLS,
-           "last": LLAMA_POOLING_TYPE_LAST}
+           "last": LLAMA_POOLING_TYPE_LAST, "rank": LLAMA_POOLING_TYPE_RANK}
 
 
 cdef class Embedder:
-    """One embedding context: ``n_ctx`` tokens per decode, at most ``n_seq`` texts in it."""
+    """One embedding context: ``n_ctx`` tokens per decode, at most ``n_seq`` texts in it.
+    ``n_embd`` is the width of a pooled row: the embedding size, or the classifier's
+    ``n_cls_out`` with "rank" pooling."""
 
     cdef llama_context * ctx
     cdef llama_batch batch
@@ -61,7 +65,10 @@ cdef class Embedder:
         if self.ctx == NULL:
             detail = mll_guard_error().decode("utf-8", "replace") or take_log().strip().replace("\n", "; ")[-300:]
             raise errors.context_create_error(detail)
-        self.n_embd = llama_model_n_embd_out(model.model)
+        if self.pooling == LLAMA_POOLING_TYPE_RANK:
+            self.n_embd = llama_model_n_cls_out(model.model)
+        else:
+            self.n_embd = llama_model_n_embd_out(model.model)
         self.batch = llama_batch_init(n_ctx, 0, 1)
         if self.batch.token == NULL:
             raise MemoryError()

@@ -152,6 +152,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_swa(const llama_model * model)
     int32_t llama_model_n_embd(const llama_model * model)
     int32_t llama_model_n_embd_out(const llama_model * model)
+    uint32_t llama_model_n_cls_out(const llama_model * model)
     float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)
     float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
     int32_t llama_model_n_layer(const llama_model * model)
@@ -173,6 +174,9 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_eos(const llama_vocab * vocab)
     llama_token llama_vocab_eot(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
+    llama_token llama_vocab_sep(const llama_vocab * vocab)
 
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                            llama_token * tokens, int32_t n_tokens_max,

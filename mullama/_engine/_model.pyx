@@ -303,6 +303,10 @@ cdef class ModelHandle:
             "bos": llama_vocab_bos(self.vocab),
             "eos": llama_vocab_eos(self.vocab),
             "add_bos": llama_vocab_get_add_bos(self.vocab),
+            "add_eos": llama_vocab_get_add_eos(self.vocab),
+            "add_sep": llama_vocab_get_add_sep(self.vocab),
+            "sep": llama_vocab_sep(self.vocab),
+            "n_cls_out": llama_model_n_cls_out(self.model),
         }
 
     def metadata(self) -> dict:

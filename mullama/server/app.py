@@ -18,6 +18,7 @@ from mullama.server.errors import ApiError, error_response
 from mullama.server.metrics import Metrics
 from mullama.server.openai_api import chat_completions, completions, list_models
 from mullama.server.embeddings_api import embeddings
+from mullama.server.rerank_api import rerank
 from mullama.server.scoring_api import detokenize, tokenize, tokenizer_info
 from mullama.server.service import Service
 from mullama.server.settings import ServerSettings
@@ -125,6 +126,8 @@ def create_app(model: AsyncModel, settings: ServerSettings | None = None) -> Sta
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/rerank", rerank, methods=["POST"]),
+        Route("/rerank", rerank, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),

@@ -20,31 +20,17 @@ from mullama.embeddings import MAX_EMBED_TEXTS
 from mullama.errors import MullamaError
 from mullama.server.body import read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
-from mullama.server.scoring_api import _is_ids
+from mullama.server.scoring_api import text_inputs
 from mullama.server.service import Service
 
 __all__ = ["embeddings"]
 
 
 def _inputs(body: dict[str, Any], service: Service) -> list[str | list[int]]:
-    value = body.get("input")
-    if isinstance(value, str) or (_is_ids(value) and value):
-        items: list[Any] = [value]
-    elif isinstance(value, list) and value:
-        items = value
-    else:
-        raise ApiError(400, "'input' must be a string, a list of token ids, or a non-empty list of either",
-                       param="input")
-    if len(items) > MAX_EMBED_TEXTS:
-        raise ApiError(400, f"'input' has {len(items)} entries; at most {MAX_EMBED_TEXTS} are embedded in one "
-                            "request", param="input")
-    for i, item in enumerate(items):
+    items = text_inputs(body, "input", MAX_EMBED_TEXTS, service.model.model.n_vocab)
+    for item in items:
         if isinstance(item, str):
-            if not item:
-                raise ApiError(400, f"input[{i}] must not be empty", param="input")
             service._check_prompt(item)
-        elif not (_is_ids(item) and item):
-            raise ApiError(400, f"input[{i}] must be a non-empty string or list of token ids", param="input")
     return items
 
 
@@ -65,7 +51,7 @@ async def embeddings(request: Request) -> Response:
         return error_response(err)
 
     def work() -> tuple[np.ndarray, int]:
-        vectors = model.embed(items, pooling="mean", normalize=True)
+        vectors = model.embed(items, pooling="mean", normalize=True, n_threads=service.model.n_threads)
         n_tokens = sum(len(model.tokenize(t, add_special=True, parse_special=True)) if isinstance(t, str)
                        else len(t) for t in items)
         return vectors, n_tokens

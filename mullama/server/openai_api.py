@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mullama.errors import MullamaError
+from mullama.scoring import ScoreResult
 from mullama.server.body import Fields, read_json
 from mullama.server.errors import ApiError, api_error_from, error_response
-from mullama.server.scoring_api import completion_prompts, scored_completions
+from mullama.server.scoring_api import LegacyLogprobs, completion_prompts, prompt_token_ids, scored_completions
 from mullama.server.service import Choices, Service
 from mullama.server.structured import request_grammar
 from mullama.server.tutorial_api import SSE_HEADERS
@@ -126,29 +127,6 @@ def _chat_logprob_entry(service: Service, tok: TokenData) -> dict[str, Any]:
     return entry
 
 
-class _Legacy:
-    """Completions-format logprobs, accumulated token by token."""
-
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top: list[dict[str, float]] = []
-        self.offsets: list[int] = []
-        self.offset = 0
-
-    def add(self, service: Service, tok: TokenData) -> None:
-        text = _piece(service, tok.token_id).decode("utf-8", "replace")
-        self.tokens.append(text)
-        self.token_logprobs.append(tok.logprob if tok.logprob is not None else 0.0)
-        self.top.append({_piece(service, i).decode("utf-8", "replace"): lp for i, lp in (tok.top_logprobs or ())})
-        self.offsets.append(self.offset)
-        self.offset += len(text)
-
-    def payload(self, start: int = 0) -> dict[str, Any]:
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
-
-
 class _Shape:
     """How one endpoint writes its choices; ``_answer`` does the rest for both.
 
@@ -186,24 +164,35 @@ class _Shape:
 class _CompletionShape(_Shape):
     endpoint, id_prefix, object, chunk_object = "completions", "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, service: Service, n: int, want_lp: bool, echo: str) -> None:
+    def __init__(self, service: Service, n: int, want_lp: bool, echo: str,
+                 prompt_scores: ScoreResult | None = None) -> None:
         super().__init__(service, n, want_lp)
         self.echo = echo
-        self.logprobs = [_Legacy() for _ in range(n)]
+        self.logprobs = [LegacyLogprobs(service) for _ in range(n)]
+        self.prompt_scored = prompt_scores is not None
+        for lp in self.logprobs:
+            if prompt_scores is not None:
+                lp.add_prompt(prompt_scores)
+            lp.offset = len(echo)
 
     @staticmethod
     def _choice(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self, index: int) -> dict[str, Any] | None:
-        return self._choice(index, self.echo, None, None) if self.echo else None
+        if not self.echo:
+            return None
+        return self._choice(index, self.echo, self.logprobs[index].payload() if self.prompt_scored else None, None)
+
+    def _add(self, index: int, tok: TokenData) -> None:
+        self.logprobs[index].add(tok.token_id, tok.logprob, tok.top_logprobs or ())
 
     def delta(self, index: int, tok: TokenData) -> dict[str, Any] | None:
         lp = None
         if self.want_lp and tok.token_id >= 0:
-            one = _Legacy()
-            one.add(self.service, tok)
-            lp = one.payload()
+            start = len(self.logprobs[index].tokens)
+            self._add(index, tok)
+            lp = self.logprobs[index].payload(start)
         return self._choice(index, tok.text, lp, None) if tok.text or lp else None
 
     def closing(self, index: int, finish: str) -> dict[str, Any]:
@@ -212,7 +201,7 @@ class _CompletionShape(_Shape):
     def take(self, index: int, tok: TokenData) -> None:
         super().take(index, tok)
         if self.want_lp and tok.token_id >= 0:
-            self.logprobs[index].add(self.service, tok)
+            self._add(index, tok)
 
     def choice(self, index: int, finish: str) -> dict[str, Any]:
         return self._choice(index, self.echo + "".join(self.parts[index]),
@@ -272,26 +261,16 @@ async def _consume(request: Request, choices: Choices,
     nothing useful when the client disconnected meanwhile (that cancels every
     choice at once instead of decoding for nobody).
     """
-    gone = False
-    async with choices, anyio.create_task_group() as tg:
-        async def watch() -> None:
-            nonlocal gone
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
+    service: Service = request.app.state.service
+    async with choices, service.watch_disconnect(request) as seen:
         try:
             while not choices.finished:
                 for index, tok in await choices.step():
                     if tok is not None:
                         take(index, tok)
         except MullamaError as exc:
-            tg.cancel_scope.cancel()
             return error_response(api_error_from(exc))
-        tg.cancel_scope.cancel()
-    return Response(status_code=499) if gone else None
+    return Response(status_code=499) if seen.gone else None
 
 
 async def _answer(request: Request, shape: _Shape, choices: Choices, stream: bool,
@@ -330,6 +309,19 @@ async def _answer(request: Request, shape: _Shape, choices: Choices, stream: boo
                          "usage": _usage(choices)})
 
 
+_GONE: Any = object()
+
+
+async def _prompt_scores(request: Request, service: Service, prompt: str | list[int],
+                         n_logprobs: int) -> ScoreResult:
+    """The log-probabilities of a streamed echo's prompt (its first chunk carries them),
+    scored by the engine before the generation starts; ``_GONE`` if the client left."""
+    ids = await anyio.to_thread.run_sync(prompt_token_ids, service, prompt)
+    async with service.watch_disconnect(request) as watch:
+        (scores,) = await service.model.score([ids], top_logprobs=n_logprobs)
+    return _GONE if watch.gone else scores
+
+
 async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     try:
@@ -363,11 +355,17 @@ async def completions(request: Request) -> Response:
         config = fields.stream_config(temperature=1.0, max_tokens=fields.max_tokens("max_tokens"),
                                       logprobs=n_logprobs is not None, top_logprobs=n_logprobs or 0,
                                       grammar=grammar)
+        scores = await _prompt_scores(request, service, prompt, n_logprobs) if echo and n_logprobs is not None \
+            else None
+        if scores is _GONE:
+            return Response(status_code=499)
         shape = _CompletionShape(service, n, n_logprobs is not None,
-                                 prompt if echo and isinstance(prompt, str) else "")
+                                 prompt if echo and isinstance(prompt, str) else "", scores)
         choices = await service.start_choices(prompt, config, shape.endpoint, n)
     except ApiError as err:
         return error_response(err)
+    except (MullamaError, ValueError) as exc:
+        return error_response(api_error_from(exc))
     return await _answer(request, shape, choices, stream, include_usage)
 
 

@@ -27,7 +27,7 @@ from mullama.server.service import Service
 from mullama.stream_config import StreamConfig
 
 __all__ = ["completion_prompts", "scored_completions", "tokenize", "detokenize", "tokenizer_info",
-           "MAX_PROMPTS"]
+           "LegacyLogprobs", "prompt_token_ids", "MAX_PROMPTS"]
 
 MAX_PROMPTS = 1024        # prompts in one completions request
 
@@ -36,50 +36,55 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _check_ids(ids: list[int], n_vocab: int, where: str) -> list[int]:
+def _check_ids(ids: list[int], n_vocab: int, where: str, param: str = "prompt") -> list[int]:
     if not ids:
-        raise ApiError(400, f"{where} is an empty list of token ids", param="prompt")
+        raise ApiError(400, f"{where} is an empty list of token ids", param=param)
     bad = [t for t in ids if not 0 <= t < n_vocab]
     if bad:
         raise ApiError(400, f"{where} has token id {bad[0]} outside the vocabulary [0, {n_vocab})",
-                       param="prompt")
+                       param=param)
     return ids
 
 
-def completion_prompts(body: dict[str, Any], n_vocab: int) -> list[str | list[int]]:
-    """The prompts of a completions request: a string, a list of token ids, or a list of
-    either (a batch, one choice per prompt)."""
-    value = body.get("prompt")
+def text_inputs(body: dict[str, Any], param: str, limit: int, n_vocab: int) -> list[str | list[int]]:
+    """The texts of ``body[param]``: a string, a list of token ids, or a non-empty list of
+    either (a batch), at most ``limit`` of them; each non-empty, every id in the vocabulary.
+    The one parser of the endpoints that take text or token ids (completions, embeddings)."""
+    value = body.get(param)
     if value is None:
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    if isinstance(value, str):
+        raise ApiError(400, f"'{param}' is required", param=param)
+    if isinstance(value, str) or (_is_ids(value) and value):
         items: list[Any] = [value]
-    elif _is_ids(value) and value:
-        items = [value]
     elif isinstance(value, list) and value:
         items = value
     else:
-        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either",
-                       param="prompt")
-    if len(items) > MAX_PROMPTS:
-        raise ApiError(400, f"'prompt' has {len(items)} prompts; this server takes at most {MAX_PROMPTS} "
-                            "in one request", param="prompt")
+        raise ApiError(400, f"'{param}' must be a string, a list of token ids, or a non-empty list of either",
+                       param=param)
+    if len(items) > limit:
+        raise ApiError(400, f"'{param}' has {len(items)} entries; this server takes at most {limit} "
+                            "in one request", param=param)
     out: list[str | list[int]] = []
     for i, item in enumerate(items):
-        where = "'prompt'" if len(items) == 1 else f"prompt[{i}]"
+        where = f"'{param}'" if len(items) == 1 else f"{param}[{i}]"
         if isinstance(item, str):
             if not item:
-                raise ApiError(400, f"{where} must not be empty", param="prompt")
+                raise ApiError(400, f"{where} must not be empty", param=param)
             out.append(item)
         elif _is_ids(item):
-            out.append(_check_ids(item, n_vocab, where))
+            out.append(_check_ids(item, n_vocab, where, param))
         else:
-            raise ApiError(400, f"{where} must be a string or a list of token ids", param="prompt")
+            raise ApiError(400, f"{where} must be a string or a list of token ids", param=param)
     return out
 
 
-class _Logprobs:
-    """Legacy (completions) logprobs of one choice: prompt tokens, then generated ones."""
+def completion_prompts(body: dict[str, Any], n_vocab: int) -> list[str | list[int]]:
+    """The prompts of a completions request (one choice per prompt)."""
+    return text_inputs(body, "prompt", MAX_PROMPTS, n_vocab)
+
+
+class LegacyLogprobs:
+    """Legacy (completions) logprobs of one choice: prompt tokens, then generated ones;
+    ``text_offset`` counts characters from the start of the choice's text."""
 
     def __init__(self, service: Service) -> None:
         self.model = service.model.model
@@ -109,12 +114,13 @@ class _Logprobs:
                 top = zip(res.top_ids[i].tolist(), res.top_logprobs[i].tolist()) if k else ()
                 self.add(tok, float(res.logprobs[i]), top)
 
-    def payload(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
+    def payload(self, start: int = 0) -> dict[str, Any]:
+        """The entries from the ``start``-th token on (a streamed chunk sends only its own)."""
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
 
 
-def _ids_of(service: Service, prompt: str | list[int]) -> np.ndarray:
+def prompt_token_ids(service: Service, prompt: str | list[int]) -> np.ndarray:
     if isinstance(prompt, str):
         service._check_prompt(prompt)
     return scoring.score_ids(service.model.model, prompt, service.model.n_ctx)
@@ -144,7 +150,7 @@ async def scored_completions(request: Request, service: Service, prompts: list[s
     ``config`` is None for ``max_tokens: 0`` (score only)."""
     model = service.model
     try:
-        ids = await anyio.to_thread.run_sync(lambda: [_ids_of(service, p) for p in prompts])
+        ids = await anyio.to_thread.run_sync(lambda: [prompt_token_ids(service, p) for p in prompts])
     except (ValueError, TypeError, MullamaError) as exc:
         return error_response(api_error_from(exc))
     if config is not None:
@@ -153,19 +159,10 @@ async def scored_completions(request: Request, service: Service, prompts: list[s
     for p, prompt_ids in zip(prompts, ids):
         echo_text = (p if isinstance(p, str) else model.model.detokenize(prompt_ids)) if echo else ""
         for _ in range(n):
-            lp = _Logprobs(service)
+            lp = LegacyLogprobs(service)
             out.append({"echo": echo_text, "parts": [], "lp": lp, "finish_reason": "length", "usage": None})
-    gone = False
     failure: BaseException | None = None
-    async with anyio.create_task_group() as tg:
-        async def watch() -> None:
-            nonlocal gone
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
+    async with service.watch_disconnect(request) as seen:
         try:
             if echo and n_logprobs is not None:
                 scored = await model.score(ids, top_logprobs=n_logprobs)
@@ -197,8 +194,7 @@ async def scored_completions(request: Request, service: Service, prompts: list[s
                         gen.start_soon(one)
         except (MullamaError, ApiError, ValueError) as exc:
             failure = exc
-        tg.cancel_scope.cancel()
-    if gone:
+    if seen.gone:
         return Response(status_code=499)
     if failure is not None:
         return error_response(api_error_from(failure))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 import anyio
+from starlette.requests import Request
 
 from mullama.async_model import AsyncModel
 from mullama.server.errors import ApiError, api_error_from
@@ -16,7 +18,7 @@ from mullama.stream import TokenStream
 from mullama.stream_config import StreamConfig
 from mullama.types import TokenData
 
-__all__ = ["Service", "Generation", "Choices"]
+__all__ = ["Service", "Generation", "Choices", "Disconnect"]
 
 # generous: real text averages 3-5 characters per token
 CHARS_PER_TOKEN_BOUND = 16
@@ -152,6 +154,12 @@ class Choices:
         await self.aclose()
 
 
+class Disconnect:
+    """What :meth:`Service.watch_disconnect` saw: ``gone`` once the client has left."""
+
+    gone = False
+
+
 class Service:
     """The model behind the endpoints and the metrics they share."""
 
@@ -236,3 +244,23 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - each kind maps to an HTTP answer
             raise api_error_from(exc) from None
         return Choices(self, streams if isinstance(streams, list) else [streams], endpoint)
+
+    @asynccontextmanager
+    async def watch_disconnect(self, request: Request) -> AsyncIterator[Disconnect]:
+        """Run the body of ``async with`` while watching the client: when it disconnects,
+        the body is cancelled (whatever it awaits stops, e.g. the engine's requests) and
+        ``gone`` is set, so that nothing is decoded for nobody. For responses sent whole
+        (a streamed response notices the disconnect when it writes)."""
+        seen = Disconnect()
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                seen.gone = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                yield seen
+            finally:
+                tg.cancel_scope.cancel()
