@@ -79,7 +79,9 @@ class SamplerParams:
     is what it would be without speculation (greedy: the same argmax tokens up to
     rounding near ties of the batched pass; sampled: the same distribution). Draft
     lengths follow the measured pass costs and the stream's recent acceptance, and
-    drafting stops by itself on text that does not repeat.
+    drafting stops by itself on text that does not repeat. ``draft_min`` verifies
+    at least that many drafted tokens whenever a draft exists (0: the cost model
+    alone decides).
     """
 
     temperature: float = 0.8
@@ -99,6 +101,7 @@ class SamplerParams:
     speculative: str | None = None
     draft_max: int = 16
     ngram: int = 3
+    draft_min: int = 0
     _gbnf: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +142,9 @@ class SamplerParams:
         g = _integer("ngram", self.ngram)
         if not 1 <= g <= MAX_NGRAM:
             raise ValueError(f"ngram must be within [1, {MAX_NGRAM}], got {g}")
+        m = _integer("draft_min", self.draft_min)
+        if not 0 <= m <= d:
+            raise ValueError(f"draft_min must be within [0, draft_max={d}], got {m}")
         object.__setattr__(self, "_gbnf", self._constraint())
 
     def _constraint(self) -> str | None:
@@ -191,7 +197,7 @@ class SamplerParams:
             float(self.temperature), int(self.top_k), float(self.top_p), float(self.min_p),
             float(self.typical_p), float(self.repeat_penalty), int(self.repeat_last_n),
             float(self.frequency_penalty), float(self.presence_penalty), int(chosen), tuple(biases),
-            (int(self.draft_max), int(self.ngram)) if self.speculative else (0, 0),
+            (int(self.draft_max), int(self.ngram), int(self.draft_min)) if self.speculative else (0, 0, 0),
         )
 
 

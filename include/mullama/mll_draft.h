@@ -63,17 +63,27 @@ typedef struct mll_costs {
     double c[MLL_COST_ROWS + 1];
 } mll_costs;
 
-/* Cost of a pass with `rows` rows: measured, else the one-row cost scaled by a
- * prior (each extra row ~0.5 of the first, odd counts >= 3 as the next even),
- * else 0 (nothing measured yet). */
+/* The prior shape of the cost curve, relative to one row: each extra row ~0.5 of
+ * the first, and an odd count >= 3 costs what the next even one does. */
+static inline double mll__cost_prior(int32_t rows) {
+    int32_t r = (rows >= 3 && rows % 2 == 1) ? rows + 1 : rows;
+    return 1.0 + 0.5 * (double)(r - 1);
+}
+
+/* Cost of a pass with `rows` rows: measured, else the nearest measured row count's
+ * cost scaled by the prior, else 0 (nothing measured yet). */
 static inline double mll_cost(const mll_costs *t, int32_t rows) {
-    int32_t r;
+    int32_t d, r;
     if (rows < 1) return 0.0;
     if (rows > MLL_COST_ROWS) rows = MLL_COST_ROWS;
     if (t->c[rows] > 0.0) return t->c[rows];
-    if (t->c[1] <= 0.0) return 0.0;
-    r = (rows >= 3 && rows % 2 == 1) ? rows + 1 : rows;
-    return t->c[1] * (1.0 + 0.5 * (double)(r - 1));
+    for (d = 1; d < MLL_COST_ROWS; ++d) {
+        r = rows - d;
+        if (r >= 1 && t->c[r] > 0.0) return t->c[r] * mll__cost_prior(rows) / mll__cost_prior(r);
+        r = rows + d;
+        if (r <= MLL_COST_ROWS && t->c[r] > 0.0) return t->c[r] * mll__cost_prior(rows) / mll__cost_prior(r);
+    }
+    return 0.0;
 }
 
 /* The measured cost of a pass with `rows` rows (0: never measured). */

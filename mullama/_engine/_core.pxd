@@ -79,6 +79,7 @@ cdef struct Req:
     # speculation: drafts from the sequence's own earlier n-grams (draft_max 0: off)
     int32_t draft_max
     int32_t ngram
+    int32_t draft_min             # verify at least this many drafted tokens when there is a draft
     llama_token * draft           # [MLL_DRAFT_MAX]: the tokens after `last` put in this step's batch
     int32_t n_draft               # of them in the batch this step
     llama_token shadow            # a draft's first token that was not verified (-1: none): checked

@@ -373,7 +373,7 @@ cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
     occurrence of its last ``ngram`` tokens) and choose how many of them to verify, from
     the measured pass costs and each stream's acceptance. Returns the drafted tokens added."""
     cdef int i, n = 0
-    cdef int32_t m, k, total = 0
+    cdef int32_t m, k, rows, total = 0
     cdef Req * r
     cdef llama_token * h
     if e.n_swa > 0:
@@ -398,11 +398,15 @@ cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
         n += 1
     if n == 0:
         return 0
-    mll_draft_plan(&e.costs, n, e.plan_avail, e.plan_acc, n_decoding - n, min(<int32_t> MLL_COST_ROWS, e.n_batch),
-                   1.03, e.plan_k)
+    rows = mll_draft_plan(&e.costs, n, e.plan_avail, e.plan_acc, n_decoding - n,
+                          min(<int32_t> MLL_COST_ROWS, e.n_batch), 1.03, e.plan_k)
     for k in range(n):
         r = e.slots[e.plan_slot[k]]
-        r.n_draft = e.plan_k[k]
+        m = max(e.plan_k[k], min(r.draft_min, e.plan_avail[k]))
+        if rows + m - e.plan_k[k] > e.n_batch:
+            m = e.plan_k[k]
+        rows += m - e.plan_k[k]
+        r.n_draft = m
         if r.n_draft == 0:
             r.shadow = r.draft[0]
         r.n_in_batch = 1 + r.n_draft

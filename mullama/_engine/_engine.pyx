@@ -92,10 +92,12 @@ cdef class Request:
         if pipe_reserve(&self.r.pipe, 256) < 0:
             raise MemoryError()
         self.r.smpl = make_sampler(sampler, n_vocab, n_ctx_limit, prompt)
-        draft_max, ngram = sampler[11] if len(sampler) > 11 else (0, 0)
+        draft_max, ngram, draft_min = sampler[11] if len(sampler) > 11 else (0, 0, 0)
         if draft_max > 0:
-            if not (1 <= draft_max <= MLL_DRAFT_MAX and 1 <= ngram):
-                raise ValueError(f"draft_max must be within [1, {MLL_DRAFT_MAX}] and ngram >= 1")
+            if not (1 <= draft_max <= MLL_DRAFT_MAX and 1 <= ngram and 0 <= draft_min <= draft_max):
+                raise ValueError(f"draft_max must be within [1, {MLL_DRAFT_MAX}], ngram >= 1 and "
+                                 f"draft_min within [0, draft_max]")
+            self.r.draft_min = draft_min
             self.r.draft = <llama_token *> malloc(MLL_DRAFT_MAX * sizeof(llama_token))
             if self.r.draft == NULL:
                 raise MemoryError()
