@@ -301,3 +301,28 @@ def test_sampler_state_advances_only_with_handed_out_tokens(peaked_tiny):
             drafted += ctx.last_stats.draft_tokens - ctx.last_stats.accepted_tokens
             same += got == plain
     assert drafted > 0 and same >= 29
+
+
+def test_serve_speculative_flag_and_metrics(model_path):
+    import json
+    import signal
+    import urllib.request
+
+    from test_cli_serve import _serve, _stop
+
+    proc, url, _ = _serve("--parallel", "1", "--n-ctx", "512", "--model", model_path, "--speculative", "ngram")
+    try:
+        req = urllib.request.Request(url + "/v1/completions", method="POST", data=json.dumps(
+            {"prompt": grounded(), "max_tokens": 40, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            body = json.load(resp)
+        assert body["choices"][0]["text"].startswith("The river town of Aldermere")
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            metrics = dict(line.split(" ", 1) for line in resp.read().decode().splitlines()
+                           if line and not line.startswith("#"))
+        assert 0 < float(metrics["mullama_spec_accepted_tokens"]) <= float(metrics["mullama_spec_drafted_tokens"])
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        _stop(proc)
