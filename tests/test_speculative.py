@@ -161,10 +161,11 @@ def peaked_tiny(tmp_path_factory):
     m.close()
 
 
-def test_sampled_distribution_is_unchanged(peaked_tiny):
+@pytest.mark.parametrize("runs", [80, pytest.param(600, marks=pytest.mark.slow)])
+def test_sampled_distribution_is_unchanged(peaked_tiny, runs):
     """Every token handed out under speculation is distributed as the model says given
     its prefix: the randomised probability integral transform of each one is uniform
-    (Kolmogorov-Smirnov over ~1,000 tokens at drafted and plain positions alike)."""
+    (Kolmogorov-Smirnov over 6 tokens per run, at drafted and plain positions alike)."""
     from scipy import stats as st
 
     m = peaked_tiny
@@ -175,7 +176,7 @@ def test_sampled_distribution_is_unchanged(peaked_tiny):
     prompt = [1, 260] + path + [260]
     spec = base.replace(speculative="ngram", ngram=1, draft_min=4)
     rng = np.random.default_rng(11)
-    pits, same, runs = [], 0, 160
+    pits, same = [], 0
     cache: dict[tuple, np.ndarray] = {}
     drafted = accepted = 0
     with mullama.Context(m, n_ctx=128) as ctx, mullama.Context(m, n_ctx=128, reuse_prefix=True) as ref:
@@ -218,7 +219,7 @@ PASSAGES = [PASSAGE,
 @pytest.mark.anyio
 async def test_concurrent_streams_each_draft_on_their_own(spec_engine):
     model = spec_engine.model
-    cfg = StreamConfig(max_tokens=48, temperature=0.0, timeout_ms=300_000, speculative="ngram")
+    cfg = StreamConfig(max_tokens=32, temperature=0.0, timeout_ms=300_000, speculative="ngram")
     results: dict[int, list] = {}
     drafted: dict[int, dict] = {}
 
@@ -262,7 +263,7 @@ async def test_cancel_during_verification_frees_the_cells(spec_engine):
 @pytest.mark.anyio
 async def test_n_branches_and_fork_with_speculation(spec_engine):
     model = spec_engine.model
-    cfg = StreamConfig(max_tokens=30, temperature=0.0, timeout_ms=300_000, speculative="ngram")
+    cfg = StreamConfig(max_tokens=20, temperature=0.0, timeout_ms=300_000, speculative="ngram")
     streams = await spec_engine.generate_stream(grounded(), cfg, n=2)
     outs = []
     for s in streams:

@@ -230,7 +230,8 @@ cdef class Request:
 
     @property
     def spec_stats(self) -> dict:
-        """Speculation: drafted tokens verified, and how many of them were accepted."""
+        """Speculation: drafted tokens verified, how many of them were accepted, and the
+        estimated chance that the next drafted token is accepted (which sets draft lengths)."""
         return {"drafted": self.r.n_drafted, "accepted": self.r.n_accepted, "acceptance": self.r.accept}
 
     @property
