@@ -63,11 +63,11 @@ typedef struct mll_costs {
     double c[MLL_COST_ROWS + 1];
 } mll_costs;
 
-/* The prior shape of the cost curve, relative to one row: each extra row ~0.5 of
+/* The prior shape of the cost curve, relative to one row: each extra row ~0.35 of
  * the first, and an odd count >= 3 costs what the next even one does. */
 static inline double mll__cost_prior(int32_t rows) {
     int32_t r = (rows >= 3 && rows % 2 == 1) ? rows + 1 : rows;
-    return 1.0 + 0.5 * (double)(r - 1);
+    return 1.0 + 0.35 * (double)(r - 1);
 }
 
 /* Cost of a pass with `rows` rows: measured, else the nearest measured row count's
