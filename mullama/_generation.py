@@ -121,8 +121,10 @@ class TokenIterator(Iterator[TokenData]):
         if self._max_tokens == 0:
             self._finish("length")
             return
+        # one record per token; a step that verifies a draft can hand out 1 + draft_max
+        draft_max = self._sampler[11][0] if len(self._sampler) > 11 else 0
         self._request = ctx._request(self._prompt, self._max_tokens, self._sampler, self._stops,
-                                     self._logprobs, self._top, grammar=self._grammar)
+                                     self._logprobs, self._top, buffer_size=1 + draft_max, grammar=self._grammar)
 
     def _finish(self, reason: str) -> None:
         if self._done:
@@ -167,7 +169,14 @@ class TokenIterator(Iterator[TokenData]):
             time_to_first_token=None if self._t_first is None else self._t_first - t0,
             total_time=now - t0,
             finish_reason=self.finish_reason,
+            **(_spec_counts(self._request) if self._request is not None else {}),
         )
+
+
+def _spec_counts(request: Any) -> dict[str, int]:
+    """GenerationStats' speculation fields from an engine request."""
+    spec = request.spec_stats
+    return {"draft_tokens": spec["drafted"], "accepted_tokens": spec["accepted"]}
 
 
 class TextStream(Iterator[str]):

@@ -202,6 +202,13 @@ class AsyncModel:
         stats = [e.grammar_stats for e in engines]
         return {k: sum(s[k] for s in stats) for k in ("tokens", "rejected", "full_passes")}
 
+    def spec_stats(self) -> dict[str, int]:
+        """Speculation so far, all streams: ``drafted`` tokens verified and ``accepted`` ones."""
+        engines = [self._engine] if self._engine is not None else [c._engine for c in self._contexts
+                                                                    if not c.closed]
+        stats = [e.spec_stats for e in engines]
+        return {k: sum(s[k] for s in stats) for k in ("drafted", "accepted")}
+
     def clear_cache(self) -> None:
         """Free the cells idle slots keep for the prefix cache (running streams keep theirs).
         Blocks for at most one decode step."""

@@ -29,6 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--model-id", default=None, help="the model name /v1/models reports")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="verify drafts taken from each prompt and output (n-gram lookup) in the same pass")
     p.add_argument("--access-log", action="store_true", help="log each request to stderr")
     ray = p.add_argument_group(
         "replicas on Ray Serve (pip install 'mullama[ray]')",
@@ -67,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
     model_id = args.model_id or args.model or "gemma3:270m"
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key, model_id=model_id,
                               max_tokens_cap=args.max_tokens_cap,
-                              default_max_tokens=min(256, args.max_tokens_cap), max_body_bytes=args.max_body)
+                              default_max_tokens=min(256, args.max_tokens_cap), max_body_bytes=args.max_body,
+                              speculative=args.speculative)
     ray_flags = (args.replicas, args.ray_address, args.ray_cpus, args.replica_cpus, args.min_replicas,
                  args.max_replicas, args.target_ongoing_requests)
     if any(flag is not None for flag in ray_flags):

@@ -282,6 +282,11 @@ class Context:
         that needed the grammar over the whole vocabulary)."""
         return self._engine.grammar_stats
 
+    @property
+    def spec_stats(self) -> dict[str, int]:
+        """Speculation so far: ``drafted`` tokens verified and ``accepted`` ones."""
+        return self._engine.spec_stats
+
     def kv_positions(self) -> list[int]:
         """Largest cached position of the context's sequence (``[-1]`` when every KV cell is free)."""
         return self._engine.used_positions()

@@ -41,6 +41,11 @@ def _integer(name: str, value: Any) -> int:
     return int(value)
 
 
+SPECULATIVE_KINDS = (None, "ngram")
+MAX_DRAFT = 32  # include/mullama/mll_draft.h: MLL_DRAFT_MAX
+MAX_NGRAM = 16
+
+
 @dataclass(frozen=True)
 class SamplerParams:
     """How the next token is chosen.
@@ -66,6 +71,17 @@ class SamplerParams:
     ``^...$`` must match all of it), and from the pattern's first non-empty capture
     group (else the whole match) on the grammar holds: tool calls that the model
     may or may not make.
+
+    Speculation (``speculative="ngram"``): each step may also verify a draft of up
+    to ``draft_max`` tokens, the tokens that followed the latest earlier occurrence
+    of the sequence's last ``ngram`` tokens (in the prompt or the output so far),
+    in the same pass. The stream's own sampler decides each position, so the output
+    is what it would be without speculation (greedy: the same argmax tokens up to
+    rounding near ties of the batched pass; sampled: the same distribution). Draft
+    lengths follow the measured pass costs and the stream's recent acceptance, and
+    drafting stops by itself on text that does not repeat. ``draft_min`` verifies
+    at least that many drafted tokens whenever a draft exists (0: the cost model
+    alone decides).
     """
 
     temperature: float = 0.8
@@ -82,6 +98,10 @@ class SamplerParams:
     grammar: str | None = None
     json_schema: Mapping[str, Any] | bool | None = None
     grammar_triggers: tuple[str, ...] = ()
+    speculative: str | None = None
+    draft_max: int = 16
+    ngram: int = 3
+    draft_min: int = 0
     _gbnf: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +134,17 @@ class SamplerParams:
             b = float(bias)
             if math.isnan(b):
                 raise ValueError(f"logit_bias for token {tok} is NaN")
+        if self.speculative not in SPECULATIVE_KINDS:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_KINDS}, got {self.speculative!r}")
+        d = _integer("draft_max", self.draft_max)
+        if not 1 <= d <= MAX_DRAFT:
+            raise ValueError(f"draft_max must be within [1, {MAX_DRAFT}], got {d}")
+        g = _integer("ngram", self.ngram)
+        if not 1 <= g <= MAX_NGRAM:
+            raise ValueError(f"ngram must be within [1, {MAX_NGRAM}], got {g}")
+        m = _integer("draft_min", self.draft_min)
+        if not 0 <= m <= d:
+            raise ValueError(f"draft_min must be within [0, draft_max={d}], got {m}")
         object.__setattr__(self, "_gbnf", self._constraint())
 
     def _constraint(self) -> str | None:
@@ -166,6 +197,7 @@ class SamplerParams:
             float(self.temperature), int(self.top_k), float(self.top_p), float(self.min_p),
             float(self.typical_p), float(self.repeat_penalty), int(self.repeat_last_n),
             float(self.frequency_penalty), float(self.presence_penalty), int(chosen), tuple(biases),
+            (int(self.draft_max), int(self.ngram), int(self.draft_min)) if self.speculative else (0, 0, 0),
         )
 
 

@@ -123,6 +123,13 @@ class _StreamState:
         return self._producer.ring.size if self._producer else 0
 
     @property
+    def spec_stats(self) -> dict[str, int]:
+        """Speculation in this stream: ``drafted`` tokens verified and ``accepted`` ones."""
+        request = self._producer.request if self._producer is not None else None
+        return {"drafted": 0, "accepted": 0} if request is None else dict(
+            drafted=request.spec_stats["drafted"], accepted=request.spec_stats["accepted"])
+
+    @property
     def producer_pauses(self) -> int:
         """How often decoding of this stream paused because ``buffer_size`` tokens waited unread."""
         return self._producer.ring.full_waits if self._producer else 0

@@ -35,6 +35,8 @@ class StreamConfig:
     - ``grammar`` / ``json_schema``: constrain the output to GBNF text or to
       instances of a JSON Schema (see :class:`SamplerParams`); set here or in
       ``sampler``, not both.
+    - ``speculative``: ``"ngram"`` verifies drafts taken from the prompt and output
+      so far (see :class:`SamplerParams`); None keeps the sampler's own setting.
 
     Derive a changed copy with ``config.replace(max_tokens=100)``.
     """
@@ -52,6 +54,7 @@ class StreamConfig:
     top_logprobs: int = 0
     grammar: str | None = None
     json_schema: Any = None
+    speculative: str | None = None
     _stops: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,8 @@ class StreamConfig:
     def sampler_params(self) -> SamplerParams:
         base = self.sampler or SamplerParams()
         changes: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        if self.speculative is not None:
+            changes["speculative"] = self.speculative
         if self.grammar is not None or self.json_schema is not None:
             if base.grammar is not None or base.json_schema is not None:
                 raise ValueError("the constraint is set twice: in StreamConfig and in its sampler")

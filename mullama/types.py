@@ -37,7 +37,10 @@ class TokenData:
 
 @dataclass(frozen=True, slots=True)
 class GenerationStats:
-    """Counts and timings of one generation (seconds, monotonic clock)."""
+    """Counts and timings of one generation (seconds, monotonic clock).
+
+    With speculation, ``draft_tokens`` drafted tokens were verified and
+    ``accepted_tokens`` of them were accepted (both 0 without it)."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -45,6 +48,8 @@ class GenerationStats:
     time_to_first_token: float | None
     total_time: float
     finish_reason: str | None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:

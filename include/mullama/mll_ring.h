@@ -156,6 +156,10 @@ static inline int mll_ring_wait_slot(mll_ring *r) {
 /* Producer: the slot to fill (valid after mll_ring_wait_slot returned 0). */
 static inline mll_tok_rec *mll_ring_slot(mll_ring *r) { return &r->recs[r->tail % r->cap]; }
 
+/* Producer: the record k places after the next one (k < the space left), for a
+ * producer that prepares several records before committing them in order. */
+static inline mll_tok_rec *mll_ring_slot_at(mll_ring *r, uint32_t k) { return &r->recs[(r->tail + k) % r->cap]; }
+
 /* Producer: copy `n` text bytes into the slot; -1 when out of memory. */
 static inline int mll_ring_set_text(mll_tok_rec *rec, const char *text, uint32_t n) {
     rec->text_len = n;

@@ -5,7 +5,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 
 from mullama._engine._llama cimport (llama_context, llama_vocab, llama_batch, llama_sampler, llama_token,
                                     llama_token_data, c_bool)
-from mullama._engine._mll cimport mll_bell, mll_ring, mll_rows, mll_row_job
+from mullama._engine._mll cimport mll_bell, mll_ring, mll_rows, mll_row_job, mll_costs
 from mullama._engine._pipe cimport TextPipe
 
 
@@ -72,6 +72,21 @@ cdef struct Req:
     int32_t sc_idx                # this step: batch index of the first scored row
     int32_t sc_pos                # and its position
     int32_t sc_n                  # scored rows this step
+    int32_t sc_job                # this step: the row job of the first scored row
+    # this step's sampled rows: row jobs job0 .. job0 + n_rows - 1 (batch rows out_idx ..)
+    int32_t job0
+    int32_t n_rows
+    # speculation: drafts from the sequence's own earlier n-grams (draft_max 0: off)
+    int32_t draft_max
+    int32_t ngram
+    int32_t draft_min             # verify at least this many drafted tokens when there is a draft
+    llama_token * draft           # [MLL_DRAFT_MAX]: the tokens after `last` put in this step's batch
+    int32_t n_draft               # of them in the batch this step
+    llama_token shadow            # a draft's first token that was not verified (-1: none): checked
+                                  # against the token chosen, so acceptance is known without drafting
+    double accept                 # estimated chance that a drafted token is accepted (moving average)
+    int64_t n_drafted             # drafted tokens verified, and the accepted ones
+    int64_t n_accepted
 
 
 cdef enum:
@@ -128,6 +143,17 @@ cdef struct EngineState:
     mll_rows rows                 # a step's argmax / log-sum-exp / top-k work, on all threads
     mll_row_job * jobs            # one per slot with logits this step, then the scored rows
     int32_t max_rows              # scored rows per decode (llama.cpp keeps a logits row for each)
+    int32_t * job_idx             # the batch row of each job
+    int32_t n_jobs_cap
+    mll_costs costs               # measured decode cost by logits rows (pure decode steps)
+    int32_t step_rows             # logits rows of this step's batch
+    bint step_timed               # this step decodes only (no prompt, no scored rows): it is measured
+    int64_t n_drafted             # all streams: drafted tokens verified, and the accepted ones
+    int64_t n_accepted
+    int32_t * plan_slot           # per drafting stream: scratch for choosing draft lengths
+    int32_t * plan_avail
+    int32_t * plan_k
+    double * plan_acc
 
 
 cdef int32_t engine_step(EngineState * e) noexcept nogil

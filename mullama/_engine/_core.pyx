@@ -21,7 +21,7 @@ from mullama._engine._mll cimport *
 from mullama._engine._pipe cimport *
 from mullama._engine._guard cimport (mll_decode, mll_state_seq_get_size, mll_state_seq_get_data,
                                      mll_state_seq_set_data, MLL_CXX_ERROR, mll_sampler_clone,
-                                     mll_sample_constrained, MLL_NO_TOKEN)
+                                     mll_sample_constrained, MLL_NO_TOKEN, mll_grammar_allows)
 
 
 cdef enum:
@@ -264,6 +264,9 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         r.out_idx = -1
         r.n_in_batch = 0
         r.sc_n = 0
+        r.n_rows = 0
+        r.n_draft = 0
+        r.shadow = -1
         if not r.pending_decode or r.waiting:
             continue
         if mll_ring_space(r.ring) == 0:
@@ -274,6 +277,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         r.parked = False
         r.n_in_batch = 1
         n_decoding += 1
+    n_decoding += _plan_drafts(e, n_decoding)
     budget = e.n_batch - n_decoding
     if n_decoding and budget > e.prefill_chunk:
         budget = e.prefill_chunk    # a long prompt must not stall the running streams
@@ -307,7 +311,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
     # An odd number of logits rows (3, 5, 7...) costs more than one more row on the CPU
     # kernels here: with 7 streams a step takes longer than with 8. So a decode step with
     # an odd count asks for one extra row: a hole's throw-away token, or one just beside.
-    if n_prefill == 0 and n_decoding >= 3 and n_decoding % 2 == 1:
+    if n_prefill == 0 and n_decoding >= 3 and n_decoding % 2 == 1:   # (rows: streams plus drafts)
         for i in range(lo + 1, hi):
             if _can_pad(e, i):
                 odd_fix = i
@@ -339,11 +343,75 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
                 _mark_scored(e, r, n)
             n += r.n_in_batch
         else:
+            # the stream's token, then its draft: every one of them gets a logits row
             _put_kept(e, n, r.last, r.n_past, i, True)
             r.out_idx = n
-            n += 1
+            for j in range(r.n_draft):
+                _put_kept(e, n + 1 + j, r.draft[j], r.n_past + 1 + j, i, True)
+            n += 1 + r.n_draft
     e.batch.n_tokens = n
+    e.step_rows = 0
+    for j in range(n):
+        e.step_rows += e.batch.logits[j] != 0
+    e.step_timed = n_prefill == 0
     return n
+
+
+cdef int32_t _draft_room(EngineState * e, Req * r) noexcept nogil:
+    """How many drafted tokens ``r`` can verify this step: each accepted one takes a ring
+    record, a token of max_tokens and of the context, and a KV cell."""
+    cdef int32_t m = r.draft_max
+    m = min(m, <int32_t> mll_ring_space(r.ring) - 1)
+    m = min(m, r.max_tokens - r.n_generated - 1)
+    m = min(m, r.n_ctx_limit - r.n_prompt - r.n_generated - 1)
+    m = min(m, e.slot_cells - r.n_past - 1)
+    return m
+
+
+cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
+    """Find each decoding stream's draft (the tokens that followed the latest earlier
+    occurrence of its last ``ngram`` tokens) and choose how many of them to verify, from
+    the measured pass costs and each stream's acceptance. Returns the drafted tokens added."""
+    cdef int i, n = 0
+    cdef int32_t m, k, rows, total = 0
+    cdef Req * r
+    cdef llama_token * h
+    if e.n_swa > 0:
+        return 0                    # a window-sized cache may have dropped cells a rejection needs
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or r.n_in_batch != 1 or r.draft_max <= 0 or r.prefill_pos < r.n_prompt:
+            continue
+        m = _draft_room(e, r)
+        if m <= 0:
+            continue
+        h = e.hist + <size_t> i * e.slot_cells
+        h[r.n_past] = r.last        # the sequence so far ends with the token about to be decoded
+        k = mll_ngram_draft(h, r.n_past + 1, r.ngram, m, r.draft)
+        if k > 0 and r.grammar != NULL and mll_grammar_allows(r.grammar, r.draft[0]) != 1:
+            k = 0                   # the grammar would reject it: no draft
+        if k <= 0:
+            continue
+        e.plan_slot[n] = i
+        e.plan_avail[n] = k
+        e.plan_acc[n] = r.accept
+        n += 1
+    if n == 0:
+        return 0
+    rows = mll_draft_plan(&e.costs, n, e.plan_avail, e.plan_acc, n_decoding - n,
+                          min(<int32_t> MLL_COST_ROWS, e.n_batch), 1.03, e.plan_k)
+    for k in range(n):
+        r = e.slots[e.plan_slot[k]]
+        m = max(e.plan_k[k], min(r.draft_min, e.plan_avail[k]))
+        if rows + m - e.plan_k[k] > e.n_batch:
+            m = e.plan_k[k]
+        rows += m - e.plan_k[k]
+        r.n_draft = m
+        if r.n_draft == 0:
+            r.shadow = r.draft[0]
+        r.n_in_batch = 1 + r.n_draft
+        total += r.n_draft
+    return total
 
 
 cdef inline int32_t _scored_in(Req * r, int32_t start, int32_t chunk, int32_t * lo) noexcept nogil:
@@ -413,9 +481,10 @@ cdef int32_t _branch_kids(EngineState * e, Req * r, const float * logits, int32_
         kid.prefill_pos = kid.n_prompt
         kid.out_idx = r.out_idx
         rec = mll_ring_slot(kid.ring)
-        row_job(&e.jobs[n_jobs], logits, kid.smpl, kid.want_logprob, kid.n_top, rec.top_ids, rec.top_logprobs)
-        e.job_slot[n_jobs] = kid.seq
-        n_jobs += 1
+        kid.job0 = n_jobs
+        kid.n_rows = 1
+        n_jobs = _add_job(e, n_jobs, kid.seq, r.out_idx, logits, kid.smpl, kid.want_logprob, kid.n_top,
+                          rec.top_ids, rec.top_logprobs)
     r.n_kids = 0
     return n_jobs
 
@@ -545,9 +614,10 @@ cdef void engine_commands(EngineState * e) noexcept nogil:
         _end_command(e, r, status)
 
 
-cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept nogil:
-    """Choose the slot's token from its row (whose statistics ``job`` holds), run the text
-    pipeline and hand the token to the ring."""
+cdef int _sample_and_push(EngineState * e, int slot, int32_t idx, mll_row_job * job,
+                          llama_token * chosen) noexcept nogil:
+    """Choose the slot's token from batch row ``idx`` (whose statistics ``job`` holds), run
+    the text pipeline and hand the token to the ring; the token into ``chosen``."""
     cdef Req * r = e.slots[slot]
     cdef float logprob = 0.0
     cdef int rc
@@ -555,7 +625,7 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     cdef int full = 0
     cdef llama_token tok
     if r.grammar == NULL:
-        tok = choose_token(e.ctx, r.out_idx, r.smpl, job)
+        tok = choose_token(e.ctx, idx, r.smpl, job)
     else:
         tok = mll_sample_constrained(e.vocab, job.logits, e.n_vocab, r.smpl, r.grammar, job.argmax,
                                      r.grammar_fast_k, r.cand, &full)
@@ -571,6 +641,7 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     if tok < 0:
         keep_guard_error(r.err_text, sizeof(r.err_text))
         return ERR_CXX
+    chosen[0] = tok
     rec = mll_ring_slot(r.ring)
     rec.n_top = 0
     if r.want_logprob:
@@ -613,34 +684,56 @@ cdef int _sample_and_push(EngineState * e, int slot, mll_row_job * job) noexcept
     return ERR_NONE
 
 
-cdef int32_t _score_jobs(EngineState * e, int32_t n_jobs) noexcept nogil:
-    """Add a row job (log-sum-exp, argmax, top-k) for every scored row of this step."""
-    cdef int i
-    cdef int32_t k, p
-    cdef Req * r
-    cdef mll_row_job * job
+cdef inline int32_t _add_job(EngineState * e, int32_t n, int slot, int32_t idx, const float * logits,
+                             llama_sampler * smpl, bint want_logprob, int32_t n_top, int32_t * top_ids,
+                             float * top_vals) noexcept nogil:
+    """Job ``n`` reduces batch row ``idx`` (of slot ``slot``). Returns the next job."""
+    row_job(&e.jobs[n], logits, smpl, want_logprob, n_top, top_ids, top_vals)
+    e.job_slot[n] = slot
+    e.job_idx[n] = idx
+    return n + 1
+
+
+cdef int32_t _row_jobs(EngineState * e, int i, Req * r, int32_t n_jobs) noexcept nogil:
+    """One row job per logits row of slot ``i``: its sampled rows (the stream's token and
+    its draft; each writes its alternatives into the ring record it will fill), then its
+    scored prompt rows. A missing row ends the request. Returns the next job."""
+    cdef int32_t j, p
     cdef const float * logits
-    for i in range(e.n_slots):
-        r = e.slots[i]
-        if r == NULL or r.sc_n == 0:
-            continue
-        for k in range(r.sc_n):
-            if llama_get_logits_ith(e.ctx, r.sc_idx + k) == NULL:
-                r.sc_n = 0
-                engine_finish(e, i, ERR_NO_LOGITS)
-                break
-        for k in range(r.sc_n):
-            p = r.sc_pos + k + 1        # the token this row scores
-            job = &e.jobs[n_jobs + k]
-            row_job(job, llama_get_logits_ith(e.ctx, r.sc_idx + k), NULL, True, r.score_top,
-                    r.sc_top_ids + <size_t> p * r.score_top, r.sc_top_vals + <size_t> p * r.score_top)
-        n_jobs += r.sc_n
+    cdef mll_tok_rec * rec
+    for j in range(1 + r.n_draft if r.out_idx >= 0 else 0):
+        if llama_get_logits_ith(e.ctx, r.out_idx + j) == NULL:
+            engine_finish(e, i, ERR_NO_LOGITS)
+            return n_jobs
+    for j in range(r.sc_n):
+        if llama_get_logits_ith(e.ctx, r.sc_idx + j) == NULL:
+            r.sc_n = 0
+            engine_finish(e, i, ERR_NO_LOGITS)
+            return n_jobs
+    if r.out_idx >= 0:
+        logits = llama_get_logits_ith(e.ctx, r.out_idx)
+        if r.logits_out != NULL:
+            memcpy(r.logits_out, logits, e.n_vocab * sizeof(float))
+            r.logits_out = NULL
+        r.job0 = n_jobs
+        r.n_rows = 1 + r.n_draft
+        for j in range(r.n_rows):
+            rec = mll_ring_slot_at(r.ring, <unsigned int> j)
+            n_jobs = _add_job(e, n_jobs, i, r.out_idx + j, llama_get_logits_ith(e.ctx, r.out_idx + j), r.smpl,
+                              r.want_logprob, r.n_top, rec.top_ids, rec.top_logprobs)
+        n_jobs = _branch_kids(e, r, logits, n_jobs)
+    r.sc_job = n_jobs
+    for j in range(r.sc_n):
+        p = r.sc_pos + j + 1        # the token this row scores
+        n_jobs = _add_job(e, n_jobs, i, r.sc_idx + j, llama_get_logits_ith(e.ctx, r.sc_idx + j), NULL, True,
+                          r.score_top, r.sc_top_ids + <size_t> p * r.score_top,
+                          r.sc_top_vals + <size_t> p * r.score_top)
     return n_jobs
 
 
-cdef void _score_store(EngineState * e, int32_t k) noexcept nogil:
-    """Write the scored rows' results (jobs from ``k`` on, in slot order) into their
-    requests' arrays; a scoring request whose prompt is done and that generates nothing ends."""
+cdef void _score_store(EngineState * e) noexcept nogil:
+    """Write the scored rows' results into their requests' arrays; a scoring request whose
+    prompt is done and that generates nothing ends."""
     cdef int i, t
     cdef int32_t j, p
     cdef Req * r
@@ -650,8 +743,7 @@ cdef void _score_store(EngineState * e, int32_t k) noexcept nogil:
         if r == NULL or not r.score:
             continue
         for j in range(r.sc_n):
-            job = &e.jobs[k]
-            k += 1
+            job = &e.jobs[r.sc_job + j]
             p = r.sc_pos + j + 1
             r.sc_logprob[p] = <double> job.logits[r.prompt[p]] - job.lse
             r.sc_argmax[p] = job.argmax
@@ -663,12 +755,59 @@ cdef void _score_store(EngineState * e, int32_t k) noexcept nogil:
             engine_finish(e, i, ERR_NONE)
 
 
+cdef inline void _note_accept(Req * r, bint hit) noexcept nogil:
+    r.accept = 0.85 * r.accept + (0.15 if hit else 0.0)
+
+
+cdef void _verify(EngineState * e, int slot) noexcept nogil:
+    """Hand out the slot's tokens, row after row: each row's token is chosen by the
+    stream's own sampler (which advances only with the tokens handed out), and the next
+    row counts only while the chosen token equals the drafted one there. For a sampled
+    stream this is the speculative accept rule for a point-mass draft: the draft token
+    is kept with probability p(token), else the token comes from p without it. The
+    cells of the rejected draft tokens are removed."""
+    cdef Req * r = e.slots[slot]
+    cdef int32_t j, n_acc = 0, n_draft = r.n_draft
+    cdef llama_token tok = -1, first = -1
+    cdef llama_token shadow = r.shadow
+    cdef bint rejected = False
+    cdef int err
+    for j in range(r.n_rows):
+        err = _sample_and_push(e, slot, e.job_idx[r.job0 + j], &e.jobs[r.job0 + j], &tok)
+        if err != ERR_NONE:
+            if e.slots[slot] != NULL:
+                engine_finish(e, slot, err)
+            break
+        if j == 0:
+            first = tok
+        if e.slots[slot] == NULL or j == n_draft:
+            break                   # it ended, or that was the token after the whole draft
+        if tok != r.draft[j] or r.cancel or r.ring.cancelled:
+            rejected = tok != r.draft[j]
+            break
+        # the drafted token was decoded at its position already: it stays in the cache
+        r.n_past += 1
+        e.n_hist[slot] = r.n_past
+        n_acc += 1
+    if n_draft > 0:
+        r.n_drafted += n_draft
+        r.n_accepted += n_acc
+        e.n_drafted += n_draft
+        e.n_accepted += n_acc
+        for j in range(n_acc):
+            _note_accept(r, True)
+        if rejected:
+            _note_accept(r, False)
+        if e.slots[slot] == r:
+            llama_memory_seq_rm(llama_get_memory(e.ctx), slot, r.n_past, -1)
+    elif shadow >= 0 and first >= 0:
+        _note_accept(r, first == shadow)
+
+
 cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
-    cdef int i, k, err
-    cdef int32_t n_jobs = 0, n_gen
+    cdef int i
+    cdef int32_t n_jobs = 0
     cdef Req * r
-    cdef mll_tok_rec * rec
-    cdef const float * logits
     for i in range(e.n_slots):
         r = e.slots[i]
         if r == NULL or r.n_in_batch == 0:
@@ -684,41 +823,25 @@ cdef void _after_decode(EngineState * e, int32_t rc) noexcept nogil:
                 r.err_code = rc
                 engine_finish(e, i, ERR_DECODE)
             continue
-        r.n_past += r.n_in_batch
+        # drafted tokens count as cached only once accepted (_verify)
+        r.n_past += r.n_in_batch - r.n_draft
         e.n_hist[i] = r.n_past
         e.n_decoded_tokens += r.n_in_batch
         if r.prefill_pos < r.n_prompt:
             r.prefill_pos += r.n_in_batch
         else:
             r.pending_decode = False
-        if r.out_idx < 0:
-            continue
-        logits = llama_get_logits_ith(e.ctx, r.out_idx)
-        if logits == NULL:
-            engine_finish(e, i, ERR_NO_LOGITS)
-            continue
-        if r.logits_out != NULL:
-            memcpy(r.logits_out, logits, e.n_vocab * sizeof(float))
-            r.logits_out = NULL
-        rec = mll_ring_slot(r.ring)
-        row_job(&e.jobs[n_jobs], logits, r.smpl, r.want_logprob, r.n_top, rec.top_ids, rec.top_logprobs)
-        e.job_slot[n_jobs] = i
-        n_jobs += 1
-        n_jobs = _branch_kids(e, r, logits, n_jobs)
-    n_gen = n_jobs
-    if rc == 0:
-        n_jobs = _score_jobs(e, n_jobs)
+        n_jobs = _row_jobs(e, i, r, n_jobs)
     if n_jobs > 0:
-        # the rows' reductions, spread over the decode's threads
+        # every row's reductions, spread over the decode's threads
         mll_rows_compute(&e.rows, n_jobs)
     if rc == 0:
-        _score_store(e, n_gen)
-    # then each stream's token, in slot order
-    for k in range(n_gen):
-        i = e.job_slot[k]
-        err = _sample_and_push(e, i, &e.jobs[k])
-        if err != ERR_NONE and e.slots[i] != NULL:
-            engine_finish(e, i, err)
+        _score_store(e)
+    # then each stream's tokens, in slot order
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r != NULL and r.n_rows > 0:
+            _verify(e, i)
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -752,6 +875,8 @@ cdef int32_t engine_step(EngineState * e) noexcept nogil:
     rc = mll_decode(e.ctx, e.batch)
     t1 = _now_ns()
     _drop_pads(e)
+    if rc == 0 and e.step_timed:
+        mll_cost_note(&e.costs, e.step_rows, <double> (t1 - t0))
     _after_decode(e, rc)
     engine_publish_kv(e)
     e.decode_ns += t1 - t0

@@ -92,6 +92,19 @@ cdef class Request:
         if pipe_reserve(&self.r.pipe, 256) < 0:
             raise MemoryError()
         self.r.smpl = make_sampler(sampler, n_vocab, n_ctx_limit, prompt)
+        draft_max, ngram, draft_min = sampler[11] if len(sampler) > 11 else (0, 0, 0)
+        if draft_max > 0:
+            if not (1 <= draft_max <= MLL_DRAFT_MAX and 1 <= ngram and 0 <= draft_min <= draft_max):
+                raise ValueError(f"draft_max must be within [1, {MLL_DRAFT_MAX}], ngram >= 1 and "
+                                 f"draft_min within [0, draft_max]")
+            self.r.draft_min = draft_min
+            self.r.draft = <llama_token *> malloc(MLL_DRAFT_MAX * sizeof(llama_token))
+            if self.r.draft == NULL:
+                raise MemoryError()
+            self.r.draft_max = draft_max
+            self.r.ngram = ngram
+            self.r.accept = 0.5     # no evidence yet: drafting waits for the first matches
+        self.r.shadow = -1
         if grammar is not None:
             if grammar.model.n_vocab != n_vocab:
                 raise ValueError("the grammar was parsed for another model's vocabulary")
@@ -108,6 +121,7 @@ cdef class Request:
         if self.r.grammar != NULL:
             llama_sampler_free(self.r.grammar)
         free(self.r.cand)
+        free(self.r.draft)
         free(self.r.prompt)
         free(self.r.snap_data)
         free(self.r.snap_tokens)
@@ -215,6 +229,12 @@ cdef class Request:
         return {"rejected": self.r.n_grammar_rejected, "full_passes": self.r.n_grammar_full}
 
     @property
+    def spec_stats(self) -> dict:
+        """Speculation: drafted tokens verified, how many of them were accepted, and the
+        estimated chance that the next drafted token is accepted (which sets draft lengths)."""
+        return {"drafted": self.r.n_drafted, "accepted": self.r.n_accepted, "acceptance": self.r.accept}
+
+    @property
     def stop_index(self):
         """Which stop string ended the generation, or None."""
         return self.r.pipe.stop.matched_index if self.r.pipe.stop.matched else None
@@ -247,7 +267,7 @@ cdef int32_t _grammar_fast_k(tuple cfg):
     ``mll_sample_constrained``): 1 for plain greedy, top-k for a chain that nothing reorders
     before its top-k, 0 when only the whole vocabulary will do."""
     (temperature, top_k, _top_p, _min_p, _typical_p, repeat_penalty, repeat_last_n,
-     frequency_penalty, presence_penalty, _seed, logit_bias) = cfg
+     frequency_penalty, presence_penalty, _seed, logit_bias) = cfg[:11]
     penalties = (repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0) \
         and repeat_last_n != 0
     if penalties or logit_bias:
@@ -347,16 +367,23 @@ cdef class Engine:
         self.e.used_at = <uint64_t *> calloc(n_slots, sizeof(uint64_t))
         self.e.hist = <llama_token *> malloc(<size_t> n_slots * self.e.slot_cells * sizeof(llama_token))
         self.e.batch = llama_batch_init(self.e.n_batch, 0, 1)
-        self.e.scratch = <int32_t *> calloc(3 * n_slots, sizeof(int32_t))
         self.e.max_rows = max(1, min(max_rows, self.e.n_batch))
-        self.e.jobs = <mll_row_job *> calloc(n_slots + self.e.max_rows, sizeof(mll_row_job))
+        # a row job for each logits row: every stream's token and draft, then the scored rows
+        self.e.n_jobs_cap = n_slots * (1 + MLL_DRAFT_MAX) + self.e.max_rows
+        self.e.scratch = <int32_t *> calloc(5 * n_slots + 2 * self.e.n_jobs_cap, sizeof(int32_t))
+        self.e.plan_acc = <double *> calloc(n_slots, sizeof(double))
+        self.e.jobs = <mll_row_job *> calloc(self.e.n_jobs_cap, sizeof(mll_row_job))
         if (self.e.slots == NULL or self.e.kv_pos == NULL or self.e.n_hist == NULL or self.e.used_at == NULL
                 or self.e.hist == NULL or self.e.batch.token == NULL or self.e.scratch == NULL
-                or self.e.jobs == NULL):
+                or self.e.jobs == NULL or self.e.plan_acc == NULL):
             raise MemoryError()
         self.e.pad_seq = self.e.scratch
         self.e.pad_pos = self.e.scratch + n_slots
-        self.e.job_slot = self.e.scratch + 2 * n_slots
+        self.e.plan_slot = self.e.scratch + 2 * n_slots
+        self.e.plan_avail = self.e.scratch + 3 * n_slots
+        self.e.plan_k = self.e.scratch + 4 * n_slots
+        self.e.job_slot = self.e.scratch + 5 * n_slots
+        self.e.job_idx = self.e.job_slot + self.e.n_jobs_cap
         if mll_rows_init(&self.e.rows, self.e.jobs, self.e.n_vocab, n_threads, self._pool) < 0:
             raise MemoryError()
         for i in range(n_slots):
@@ -542,6 +569,7 @@ cdef class Engine:
         _release(<void **> &self.e.kv_pos)
         _release(<void **> &self.e.jobs)
         _release(<void **> &self.e.scratch)
+        _release(<void **> &self.e.plan_acc)
         _release(<void **> &self.e.hist)
         _release(<void **> &self.e.n_hist)
         _release(<void **> &self.e.used_at)
@@ -617,6 +645,16 @@ cdef class Engine:
         many then needed a pass of the grammar over the whole vocabulary."""
         return {"tokens": self.e.n_grammar_tokens, "rejected": self.e.n_grammar_rejected,
                 "full_passes": self.e.n_grammar_full}
+
+    @property
+    def spec_stats(self) -> dict:
+        """Speculation, all streams: drafted tokens verified, and how many were accepted."""
+        return {"drafted": self.e.n_drafted, "accepted": self.e.n_accepted}
+
+    def pass_costs(self) -> dict:
+        """Measured seconds of a decode-only pass by logits rows (the basis of draft lengths)."""
+        return {n: mll_cost_measured(&self.e.costs, n) / 1e9 for n in range(1, MLL_COST_ROWS + 1)
+                if mll_cost_measured(&self.e.costs, n) > 0}
 
     @property
     def timing(self) -> dict:

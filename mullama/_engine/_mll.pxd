@@ -54,6 +54,19 @@ cdef extern from "mullama/mll_rows.h" nogil:
     void mll_rows_compute(mll_rows * r, int32_t n_jobs)
     void mll_rows_free(mll_rows * r)
 
+cdef extern from "mullama/mll_draft.h" nogil:
+    enum: MLL_DRAFT_MAX
+    enum: MLL_COST_ROWS
+    ctypedef struct mll_costs:
+        pass
+    int32_t mll_ngram_draft(const int32_t * seq, int32_t n, int32_t ngram, int32_t max, int32_t * out)
+    double mll_draft_yield(double a, int32_t k)
+    double mll_cost(const mll_costs * t, int32_t rows)
+    double mll_cost_measured(const mll_costs * t, int32_t rows)
+    void mll_cost_note(mll_costs * t, int32_t rows, double cost)
+    int32_t mll_draft_plan(const mll_costs * t, int32_t n, const int32_t * avail, const double * acc,
+                           int32_t other_rows, int32_t max_rows, double margin, int32_t * k)
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
@@ -96,6 +109,7 @@ cdef extern from "mullama/mll_ring.h" nogil:
     void mll_ring_destroy(mll_ring * r)
     int mll_ring_wait_slot(mll_ring * r)
     mll_tok_rec * mll_ring_slot(mll_ring * r)
+    mll_tok_rec * mll_ring_slot_at(mll_ring * r, unsigned int k)
     int mll_ring_set_text(mll_tok_rec * rec, const char * text, unsigned int n)
     void mll_ring_commit(mll_ring * r)
     void mll_ring_close(mll_ring * r, int32_t error)

@@ -25,7 +25,7 @@ cdef llama_sampler * make_sampler(tuple cfg, int32_t n_vocab, int32_t n_ctx, con
     repeat_last_n, frequency_penalty, presence_penalty, seed, logit_bias items);
     ``prompt`` counts as history for the penalties."""
     (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
-     frequency_penalty, presence_penalty, seed, logit_bias) = cfg
+     frequency_penalty, presence_penalty, seed, logit_bias) = cfg[:11]
     cdef bint penalties = (repeat_penalty != 1.0 or frequency_penalty != 0.0
                            or presence_penalty != 0.0) and repeat_last_n != 0
     cdef llama_sampler * chain

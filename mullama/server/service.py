@@ -193,6 +193,12 @@ class Service:
         self.metrics.add_gauge("mullama_grammar_full_passes",
                                "Of those, tokens that needed the grammar over the whole vocabulary, so far.",
                                lambda: model.grammar_stats()["full_passes"])
+        self.metrics.add_gauge("mullama_spec_drafted_tokens",
+                               "Drafted tokens verified by speculative decoding, so far.",
+                               lambda: model.spec_stats()["drafted"])
+        self.metrics.add_gauge("mullama_spec_accepted_tokens",
+                               "Of those, drafted tokens accepted (handed out without a pass of their own), so far.",
+                               lambda: model.spec_stats()["accepted"])
         self.metrics.add_gauge("mullama_prefix_cache_tokens",
                                "Tokens whose KV cells idle slots keep now for the prefix cache.",
                                lambda: sum(model.prefix_cache_stats()["cached_tokens"]))
@@ -224,9 +230,16 @@ class Service:
             raise ApiError(400, f"'n' is {n}; this server runs at most {self.model.n_parallel} streams "
                                 "together (its slots)", param="n")
 
+    def _configured(self, config: StreamConfig) -> StreamConfig:
+        """The server's own settings applied to a request's stream configuration."""
+        if self.settings.speculative and config.speculative is None:
+            return config.replace(speculative=self.settings.speculative)
+        return config
+
     async def start(self, prompt: str | list[int], config: StreamConfig, endpoint: str) -> Generation:
         """Start a generation, or raise the :class:`ApiError` that explains why not."""
         self._check_prompt(prompt)
+        config = self._configured(config)
         try:
             stream = await self.model.generate_stream(prompt, config)
         except Exception as exc:  # noqa: BLE001 - each kind maps to an HTTP answer
@@ -239,6 +252,7 @@ class Service:
         ``seed + 1``, ...), or raise the :class:`ApiError` that explains why not."""
         self._check_prompt(prompt)
         self.check_n(n)
+        config = self._configured(config)
         try:
             streams = await self.model.generate_stream(prompt, config, n=n)
         except Exception as exc:  # noqa: BLE001 - each kind maps to an HTTP answer

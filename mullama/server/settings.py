@@ -24,6 +24,8 @@ class ServerSettings:
     - ``max_prompt_chars``: longer prompts get a 400 before they are tokenized
       (None: 16 characters per token of the context). A prompt that long could
       not fit anyway, and llama.cpp's tokenizer is slow on huge inputs.
+    - ``speculative``: ``"ngram"`` makes every generation verify drafts taken from its
+      prompt and output (see :class:`mullama.SamplerParams`); None: off.
     """
 
     host: str = "127.0.0.1"
@@ -37,6 +39,7 @@ class ServerSettings:
     stream_timeout_ms: int = 600_000
     buffer_size: int = 32
     max_prompt_chars: int | None = None
+    speculative: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "default_max_tokens", "max_body_bytes", "max_ws_message_bytes",
@@ -46,5 +49,7 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within [0, 65535], got {self.port}")
+        if self.speculative not in (None, "ngram"):
+            raise ValueError(f"speculative must be None or 'ngram', got {self.speculative!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")
