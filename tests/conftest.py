@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import mullama
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only when asked for (``-m slow`` or ``MULLAMA_SLOW=1``)."""
+    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("MULLAMA_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or MULLAMA_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -323,14 +323,8 @@ def test_sigint_stops_every_ray_process(one_replica):
 # ------------------------------------------------------------------ two replicas (slow)
 
 
-def _require_slow(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.getoption("markexpr") or "") and os.environ.get("MULLAMA_SLOW") != "1":
-        pytest.skip("slow: run with -m slow or MULLAMA_SLOW=1")
-
-
 @pytest.fixture(scope="module")
-def two_replicas(request, model_path):
-    _require_slow(request)
+def two_replicas(model_path):
     server = RayServer(model_path, replicas=2)
     yield server
     server.stop()
