@@ -67,7 +67,7 @@ CHILD = """
     import json, sys
     import mullama, mullama.model
     # this child only: let the file reach llama.cpp
-    mullama.model.validate_gguf_file = lambda path: None
+    mullama.model.validate_gguf_file = lambda path: frozenset()
     path, bad, good = sys.argv[1], sys.argv[2], sys.argv[3]
     out = {}
     model = mullama.Model.load(path)
