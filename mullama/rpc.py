@@ -54,6 +54,9 @@ def child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("GGML_NO_BACKTRACE", "1")
+    # ``python -m`` would put the working directory first on sys.path: run from a source
+    # checkout (without compiled extensions), the child would import that tree instead
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
