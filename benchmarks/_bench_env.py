@@ -13,9 +13,12 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import time
+import http.client
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,3 +189,30 @@ def ensure_llama_cpp_python() -> Path:
     if subprocess.run([str(py), "-c", probe]).returncode != 0:
         raise SystemExit("llama-cpp-python was installed but does not import")
     return py
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(exe: Path, args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """Start ``llama-server`` with ``args`` on a free loopback port; return it and the port once
+    ``/health`` answers 200."""
+    port = free_port()
+    cmd = [str(exe), *args, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("llama-server did not become healthy: " + " ".join(cmd))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -80,12 +79,6 @@ async def mullama_level(model: AsyncModel, n: int, tokens: int) -> dict:
     return summarize(ttfts, sum(len(s) for s in stamps), time.perf_counter() - t0, stamps)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_level(port: int, n: int, tokens: int) -> dict:
     ttfts: list[float] = [0.0] * n
     counts: list[int] = [0] * n
@@ -122,22 +115,9 @@ def server_level(port: int, n: int, tokens: int) -> dict:
 
 
 def start_server(exe: Path, model_path: str, threads: int, n_ctx: int) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [str(exe), "-m", model_path, "-np", "8", "-c", str(8 * n_ctx), "-t", str(threads), "-tb", str(threads),
-           "--host", "127.0.0.1", "--port", str(port), "-fa", "auto", "--no-webui"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("llama-server did not become healthy")
+    args = ["-m", model_path, "-np", "8", "-c", str(8 * n_ctx), "-t", str(threads), "-tb", str(threads),
+            "-fa", "auto", "--no-webui"]
+    return env.start_llama_server(exe, args)
 
 
 def batched_bench(model_path: str, threads: int, tokens: int) -> dict[int, float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -149,36 +148,14 @@ async def concurrent(model: AsyncModel, prompts: list[str], tokens: int, spec: b
             if max(lasts) > max(firsts) else 0.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SERVER_SPEC = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                "--spec-ngram-simple-size-m", "16", "--spec-draft-n-max", "16"]
 
 
 def start_server(model_path: str, threads: int, spec: bool) -> tuple[subprocess.Popen, int]:
-    exe = env.TOOLS_BUILD / "bin" / "llama-server"
-    port = free_port()
-    cmd = [str(exe), "-m", model_path, "-np", "1", "-c", "2048", "-t", str(threads), "-tb", str(threads),
-           "--host", "127.0.0.1", "--port", str(port), "-fa", "auto", "--no-webui"] + (SERVER_SPEC if spec else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("llama-server did not become healthy: " + " ".join(cmd))
+    args = ["-m", model_path, "-np", "1", "-c", "2048", "-t", str(threads), "-tb", str(threads),
+            "-fa", "auto", "--no-webui"] + (SERVER_SPEC if spec else [])
+    return env.start_llama_server(env.TOOLS_BUILD / "bin" / "llama-server", args)
 
 
 def run_server(port: int, prompt: str, tokens: int) -> dict:
