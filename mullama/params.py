@@ -99,7 +99,7 @@ class SamplerParams:
     json_schema: Mapping[str, Any] | bool | None = None
     grammar_triggers: tuple[str, ...] = ()
     speculative: str | None = None
-    draft_max: int = 16
+    draft_max: int = 32
     ngram: int = 3
     draft_min: int = 0
     _gbnf: str | None = field(default=None, init=False, repr=False, compare=False)

@@ -70,20 +70,39 @@ static inline double mll__cost_prior(int32_t rows) {
     return 1.0 + 0.35 * (double)(r - 1);
 }
 
-/* Cost of a pass with `rows` rows: measured, else the nearest measured row count's
- * cost scaled by the prior, else 0 (nothing measured yet). */
-static inline double mll_cost(const mll_costs *t, int32_t rows) {
-    int32_t d, r;
+/* mll_cost without the cap below. */
+static inline double mll__cost_est(const mll_costs *t, int32_t rows) {
+    int32_t lo, hi;
+    double unit;
     if (rows < 1) return 0.0;
     if (rows > MLL_COST_ROWS) rows = MLL_COST_ROWS;
     if (t->c[rows] > 0.0) return t->c[rows];
-    for (d = 1; d < MLL_COST_ROWS; ++d) {
-        r = rows - d;
-        if (r >= 1 && t->c[r] > 0.0) return t->c[r] * mll__cost_prior(rows) / mll__cost_prior(r);
-        r = rows + d;
-        if (r <= MLL_COST_ROWS && t->c[r] > 0.0) return t->c[r] * mll__cost_prior(rows) / mll__cost_prior(r);
+    for (lo = rows - 1; lo >= 1 && !(t->c[lo] > 0.0); --lo) {
     }
-    return 0.0;
+    for (hi = rows + 1; hi <= MLL_COST_ROWS && !(t->c[hi] > 0.0); ++hi) {
+    }
+    if (lo >= 1 && hi <= MLL_COST_ROWS)     /* between two measured counts: on the line joining them */
+        return t->c[lo] + (t->c[hi] - t->c[lo]) * (double)(rows - lo) / (double)(hi - lo);
+    if (hi <= MLL_COST_ROWS)                /* below all measured counts: the prior's shape */
+        return t->c[hi] * mll__cost_prior(rows) / mll__cost_prior(hi);
+    if (lo < 1) return 0.0;
+    /* above them: the prior's cost per extra row added on. (Scaling instead would carry a
+     * bump of the curve, such as 5-8 rows costing about as much as 8, into every count.) */
+    unit = t->c[1] > 0.0 ? t->c[1] : t->c[lo] / mll__cost_prior(lo);
+    return t->c[lo] + unit * (mll__cost_prior(rows) - mll__cost_prior(lo));
+}
+
+/* Cost of a pass with `rows` rows: measured, else interpolated between the nearest
+ * measured counts below and above it, else extended from the nearest one by the prior,
+ * else 0 (nothing measured yet); and never more than a measured pass with more rows
+ * cost. That cap keeps one noisy-high
+ * figure from hiding the counts past it, which would then never be tried. */
+static inline double mll_cost(const mll_costs *t, int32_t rows) {
+    double v = mll__cost_est(t, rows);
+    int32_t m;
+    for (m = rows + 1; v > 0.0 && m <= MLL_COST_ROWS; ++m)
+        if (t->c[m] > 0.0 && t->c[m] < v) v = t->c[m];
+    return v;
 }
 
 /* The measured cost of a pass with `rows` rows (0: never measured). */
@@ -134,6 +153,50 @@ static inline int32_t mll_draft_plan(const mll_costs *t, int32_t n, const int32_
         }
     }
     return rows;
+}
+
+/* Extend the draft out[0..got) for seq[0..n) to exactly k tokens. The sequence with
+ * the draft after it is looked up again with ngram, ngram - 1, ..., 1 tokens; where
+ * nothing matches, the last token is repeated. `seq` must have room for n + k tokens:
+ * the draft is written after the sequence. */
+static inline void mll_ngram_fill(int32_t *seq, int32_t n, int32_t ngram, int32_t got, int32_t k, int32_t *out) {
+    int32_t g, c;
+    memcpy(seq + n, out, (size_t)got * sizeof(int32_t));
+    while (got < k) {
+        c = 0;
+        for (g = ngram; g >= 1 && c == 0; --g) c = mll_ngram_draft(seq, n + got, g, k - got, out + got);
+        if (c == 0) {
+            out[got] = seq[n + got - 1];
+            c = 1;
+        }
+        memcpy(seq + n + got, out + got, (size_t)c * sizeof(int32_t));
+        got += c;
+    }
+}
+
+/* One draft length for all n streams of a pass over several sequences: llama.cpp splits
+ * such a pass into micro-batches with the same token count per sequence, so streams
+ * verifying different counts would cost a second pass over the weights. Stream i has a
+ * draft of avail[i] tokens (0: none) accepted with probability acc[i] per token; past it
+ * a stream verifies filler, counted here as rejected. Returns the k in [0, max_k] with
+ * the most expected tokens per unit of pass cost (n * (1 + k) logits rows), taken only
+ * when it beats k = 0 by `margin`. */
+static inline int32_t mll_draft_plan_common(const mll_costs *t, int32_t n, const int32_t *avail, const double *acc,
+                                            int32_t max_k, double margin) {
+    int32_t i, k, best_k = 0;
+    double tokens, v, best_v;
+    if (n < 1 || mll_cost(t, 1) <= 0.0) return 0;
+    best_v = (double)n / mll_cost(t, n) * margin;
+    for (k = 1; k <= max_k && n * (1 + k) <= MLL_COST_ROWS; ++k) {
+        tokens = 0.0;
+        for (i = 0; i < n; ++i) tokens += mll_draft_yield(acc[i], avail[i] < k ? avail[i] : k);
+        v = tokens / mll_cost(t, n * (1 + k));
+        if (v > best_v) {
+            best_v = v;
+            best_k = k;
+        }
+    }
+    return best_k;
 }
 
 #ifdef __cplusplus

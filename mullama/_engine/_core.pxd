@@ -82,6 +82,7 @@ cdef struct Req:
     int32_t draft_min             # verify at least this many drafted tokens when there is a draft
     llama_token * draft           # [MLL_DRAFT_MAX]: the tokens after `last` put in this step's batch
     int32_t n_draft               # of them in the batch this step
+    int32_t n_real                # of those, found by the lookup (the rest: filler, see _plan_drafts)
     llama_token shadow            # a draft's first token that was not verified (-1: none): checked
                                   # against the token chosen, so acceptance is known without drafting
     double accept                 # estimated chance that a drafted token is accepted (moving average)
@@ -154,6 +155,7 @@ cdef struct EngineState:
     int32_t * plan_avail
     int32_t * plan_k
     double * plan_acc
+    int32_t step_k                # a pass over several sequences: the draft length every one verifies
 
 
 cdef int32_t engine_step(EngineState * e) noexcept nogil

@@ -236,11 +236,12 @@ cdef inline void _put_kept(EngineState * e, int32_t n, llama_token tok, int32_t 
 
 
 cdef inline bint _can_pad(EngineState * e, int i) noexcept nogil:
-    """Whether slot ``i`` can take a throw-away token this step: free or idle, with room."""
+    """Whether slot ``i`` can take this step's throw-away tokens (``1 + e.step_k``): free
+    or idle, with room."""
     cdef Req * r = e.slots[i]
     if r == NULL:
-        return e.n_hist[i] < e.slot_cells
-    return r.n_in_batch == 0 and r.n_past < e.slot_cells
+        return e.n_hist[i] + e.step_k < e.slot_cells
+    return r.n_in_batch == 0 and r.n_past + e.step_k < e.slot_cells
 
 
 cdef int32_t _build_batch(EngineState * e) noexcept nogil:
@@ -255,7 +256,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
     cdef int32_t budget, chunk, j, k, pos
     cdef int32_t rows = e.max_rows
     cdef int i, idx, lo = -1, hi = -1, odd_fix = -1
-    cdef int n_decoding = 0, n_prefill = 0
+    cdef int n_decoding = 0, n_prefill = 0, n_drafted = 0
     cdef Req * r
     for i in range(e.n_slots):
         r = e.slots[i]
@@ -266,6 +267,7 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         r.sc_n = 0
         r.n_rows = 0
         r.n_draft = 0
+        r.n_real = 0
         r.shadow = -1
         if not r.pending_decode or r.waiting:
             continue
@@ -277,7 +279,8 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
         r.parked = False
         r.n_in_batch = 1
         n_decoding += 1
-    n_decoding += _plan_drafts(e, n_decoding)
+    n_drafted = _plan_drafts(e, n_decoding)
+    n_decoding += n_drafted
     budget = e.n_batch - n_decoding
     if n_decoding and budget > e.prefill_chunk:
         budget = e.prefill_chunk    # a long prompt must not stall the running streams
@@ -311,7 +314,8 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
     # An odd number of logits rows (3, 5, 7...) costs more than one more row on the CPU
     # kernels here: with 7 streams a step takes longer than with 8. So a decode step with
     # an odd count asks for one extra row: a hole's throw-away token, or one just beside.
-    if n_prefill == 0 and n_decoding >= 3 and n_decoding % 2 == 1:   # (rows: streams plus drafts)
+    # (Drafts are priced with that in mind, and a pad there would split the pass.)
+    if n_prefill == 0 and n_drafted == 0 and n_decoding >= 3 and n_decoding % 2 == 1:
         for i in range(lo + 1, hi):
             if _can_pad(e, i):
                 odd_fix = i
@@ -325,14 +329,16 @@ cdef int32_t _build_batch(EngineState * e) noexcept nogil:
     for i in range(lo, hi + 1):
         r = e.slots[i]
         if r == NULL or r.n_in_batch == 0:
-            if _can_pad(e, i) and n < e.n_batch:
-                # after the cached tokens, so that removing it leaves them intact
+            if _can_pad(e, i) and n + e.step_k < e.n_batch:
+                # after the cached tokens, so that removing them leaves those intact; as many
+                # as each stream of the pass decodes, which keeps it one micro-batch
                 pos = r.n_past if r != NULL else e.n_hist[i]
-                _put(e, n, r.last if r != NULL else 0, pos, i, i == odd_fix)
+                for j in range(1 + e.step_k):
+                    _put(e, n + j, r.last if r != NULL else 0, pos + j, i, j == 0 and i == odd_fix)
                 e.pad_seq[e.n_pad] = i
                 e.pad_pos[e.n_pad] = pos
                 e.n_pad += 1
-                n += 1
+                n += 1 + e.step_k
         elif r.prefill_pos < r.n_prompt:
             for j in range(r.n_in_batch):
                 _put_kept(e, n + j, r.prompt[r.prefill_pos + j], r.prefill_pos + j, i, False)
@@ -371,18 +377,33 @@ cdef int32_t _draft_room(EngineState * e, Req * r) noexcept nogil:
 cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
     """Find each decoding stream's draft (the tokens that followed the latest earlier
     occurrence of its last ``ngram`` tokens) and choose how many of them to verify, from
-    the measured pass costs and each stream's acceptance. Returns the drafted tokens added."""
+    the measured pass costs and each stream's acceptance. Returns the drafted tokens added.
+
+    A pass over several sequences is split by llama.cpp into micro-batches with the same
+    token count per sequence, so there every decoding stream verifies the same count
+    (``e.step_k``): a stream whose own draft is shorter verifies filler after it (a new
+    lookup of the drafted sequence, see mll_ngram_fill), which may still be accepted."""
     cdef int i, n = 0
-    cdef int32_t m, k, rows, total = 0
+    cdef int32_t m, k, rows, total = 0, room = MLL_DRAFT_MAX, floor = 0
+    cdef bint common = n_decoding > 1
     cdef Req * r
     cdef llama_token * h
+    e.step_k = 0
     if e.n_swa > 0:
         return 0                    # a window-sized cache may have dropped cells a rejection needs
     for i in range(e.n_slots):
         r = e.slots[i]
-        if r == NULL or r.n_in_batch != 1 or r.draft_max <= 0 or r.prefill_pos < r.n_prompt:
+        if r != NULL and r.prefill_pos < r.n_prompt and not r.waiting:
+            return 0                # a prompt goes in too: the pass is split by sequence anyway
+    for i in range(e.n_slots):
+        r = e.slots[i]
+        if r == NULL or r.n_in_batch != 1:
             continue
-        m = _draft_room(e, r)
+        m = _draft_room(e, r) if r.draft_max > 0 else 0
+        if common:
+            room = min(room, m)
+            if room <= 0:
+                return 0            # a stream without speculation (or room) holds the count at 0
         if m <= 0:
             continue
         h = e.hist + <size_t> i * e.slot_cells
@@ -390,7 +411,7 @@ cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
         k = mll_ngram_draft(h, r.n_past + 1, r.ngram, m, r.draft)
         if k > 0 and r.grammar != NULL and mll_grammar_allows(r.grammar, r.draft[0]) != 1:
             k = 0                   # the grammar would reject it: no draft
-        if k <= 0:
+        if k <= 0 and not common:
             continue
         e.plan_slot[n] = i
         e.plan_avail[n] = k
@@ -398,19 +419,36 @@ cdef int32_t _plan_drafts(EngineState * e, int n_decoding) noexcept nogil:
         n += 1
     if n == 0:
         return 0
-    rows = mll_draft_plan(&e.costs, n, e.plan_avail, e.plan_acc, n_decoding - n,
-                          min(<int32_t> MLL_COST_ROWS, e.n_batch), 1.03, e.plan_k)
-    for k in range(n):
-        r = e.slots[e.plan_slot[k]]
-        m = max(e.plan_k[k], min(r.draft_min, e.plan_avail[k]))
-        if rows + m - e.plan_k[k] > e.n_batch:
-            m = e.plan_k[k]
-        rows += m - e.plan_k[k]
-        r.n_draft = m
-        if r.n_draft == 0:
+    if common:
+        k = mll_draft_plan_common(&e.costs, n, e.plan_avail, e.plan_acc, room, 1.03)
+        for i in range(n):
+            floor = max(floor, min(e.slots[e.plan_slot[i]].draft_min, e.plan_avail[i]))
+        k = min(max(k, floor), room, (e.n_batch - n) // n)
+        e.step_k = k
+        for i in range(n):
+            e.plan_k[i] = k
+    else:
+        rows = mll_draft_plan(&e.costs, n, e.plan_avail, e.plan_acc, n_decoding - n,
+                              min(<int32_t> MLL_COST_ROWS, e.n_batch), 1.03, e.plan_k)
+        for i in range(n):
+            r = e.slots[e.plan_slot[i]]
+            m = max(e.plan_k[i], min(r.draft_min, e.plan_avail[i]))
+            if rows + m - e.plan_k[i] > e.n_batch:
+                m = e.plan_k[i]
+            rows += m - e.plan_k[i]
+            e.plan_k[i] = m
+    for i in range(n):
+        r = e.slots[e.plan_slot[i]]
+        k = e.plan_k[i]
+        r.n_real = min(k, e.plan_avail[i])
+        if k > r.n_real:
+            mll_ngram_fill(e.hist + <size_t> e.plan_slot[i] * e.slot_cells, r.n_past + 1, r.ngram,
+                           r.n_real, k, r.draft)
+        r.n_draft = k
+        if k == 0 and e.plan_avail[i] > 0:
             r.shadow = r.draft[0]
-        r.n_in_batch = 1 + r.n_draft
-        total += r.n_draft
+        r.n_in_batch = 1 + k
+        total += k
     return total
 
 
@@ -767,7 +805,7 @@ cdef void _verify(EngineState * e, int slot) noexcept nogil:
     is kept with probability p(token), else the token comes from p without it. The
     cells of the rejected draft tokens are removed."""
     cdef Req * r = e.slots[slot]
-    cdef int32_t j, n_acc = 0, n_draft = r.n_draft
+    cdef int32_t j, n_acc = 0, n_draft = r.n_draft, n_real = r.n_real
     cdef llama_token tok = -1, first = -1
     cdef llama_token shadow = r.shadow
     cdef bint rejected = False
@@ -794,9 +832,10 @@ cdef void _verify(EngineState * e, int slot) noexcept nogil:
         r.n_accepted += n_acc
         e.n_drafted += n_draft
         e.n_accepted += n_acc
-        for j in range(n_acc):
+        # the acceptance estimate is of the lookup's drafts, not of filler after them
+        for j in range(min(n_acc, n_real)):
             _note_accept(r, True)
-        if rejected:
+        if rejected and n_acc < n_real:
             _note_accept(r, False)
         if e.slots[slot] == r:
             llama_memory_seq_rm(llama_get_memory(e.ctx), slot, r.n_past, -1)

@@ -103,7 +103,9 @@ cdef class Request:
                 raise MemoryError()
             self.r.draft_max = draft_max
             self.r.ngram = ngram
-            self.r.accept = 0.5     # no evidence yet: drafting waits for the first matches
+            # no evidence yet: assume the text repeats its match (a copy goes fast from the
+            # start); the checks of unverified drafts bring it down quickly when it does not
+            self.r.accept = 0.8
         self.r.shadow = -1
         if grammar is not None:
             if grammar.model.n_vocab != n_vocab:

@@ -66,6 +66,9 @@ cdef extern from "mullama/mll_draft.h" nogil:
     void mll_cost_note(mll_costs * t, int32_t rows, double cost)
     int32_t mll_draft_plan(const mll_costs * t, int32_t n, const int32_t * avail, const double * acc,
                            int32_t other_rows, int32_t max_rows, double margin, int32_t * k)
+    void mll_ngram_fill(int32_t * seq, int32_t n, int32_t ngram, int32_t got, int32_t k, int32_t * out)
+    int32_t mll_draft_plan_common(const mll_costs * t, int32_t n, const int32_t * avail, const double * acc,
+                                  int32_t max_k, double margin)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
