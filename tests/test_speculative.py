@@ -244,6 +244,36 @@ async def test_concurrent_streams_each_draft_on_their_own(spec_engine):
 
 
 @pytest.mark.anyio
+async def test_streams_sharing_passes_with_a_hole_and_a_plain_stream(spec_engine):
+    """Streams decoded in one pass all verify the same count (llama.cpp would otherwise
+    split the pass by sequence): a stream with a shorter draft verifies filler, a free
+    slot between busy ones takes as many throw-away tokens, and a stream without
+    speculation holds the count at 0. Every stream still gets its own greedy tokens and
+    every cell is freed."""
+    model = spec_engine.model
+    spec = StreamConfig(max_tokens=40, temperature=0.0, timeout_ms=300_000, speculative="ngram")
+    plans = [(PASSAGES[0], spec), (PASSAGES[1], spec.replace(max_tokens=5)),   # ends early: a hole
+             (PASSAGES[2], spec), (PASSAGES[1], spec.replace(speculative=None, max_tokens=12))]
+    results: dict[int, list] = {}
+    stats: dict[int, dict] = {}
+
+    async def run(i: int, p: str, cfg: StreamConfig) -> None:
+        async with await spec_engine.generate_stream(grounded(p), cfg) as stream:
+            results[i] = [t.token_id async for t in stream]
+            stats[i] = stream.spec_stats
+
+    async with anyio.create_task_group() as tg:
+        for i, (p, cfg) in enumerate(plans):
+            tg.start_soon(run, i, p, cfg)
+    for i, (p, cfg) in enumerate(plans):
+        assert_own_greedy_continuation(model, grounded(p), [t for t in results[i] if not model.is_eog(t)])
+        assert len(results[i]) <= cfg.max_tokens
+    assert stats[3]["drafted"] == 0
+    assert stats[0]["accepted"] > 0 and stats[2]["accepted"] > 0
+    assert max(spec_engine.kv_positions()) == -1
+
+
+@pytest.mark.anyio
 async def test_cancel_during_verification_frees_the_cells(spec_engine):
     cfg = StreamConfig(max_tokens=200, temperature=0.0, timeout_ms=300_000, speculative="ngram", buffer_size=64)
     async with await spec_engine.generate_stream(grounded(), cfg) as stream:
