@@ -205,6 +205,44 @@ def test_sampled_distribution_is_unchanged(peaked_tiny, runs):
     assert same >= 0.95 * runs
 
 
+@pytest.mark.anyio
+async def test_sampled_streams_sharing_passes_keep_their_seeded_output(peaked_tiny):
+    """Sampled streams decoded together verify one common count, with filler past a short
+    draft: what each hands out is still its own seeded plain draw, as one stream alone
+    without speculation gets it (filler is accepted only where the draw equals it), but
+    for rare rounding differences of a batched row."""
+    m = peaked_tiny
+    base = SamplerParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    with mullama.Context(m, n_ctx=128) as ctx:
+        path = [t.token_id for t in ctx.stream_tokens([1, 260], 24, GREEDY, logprobs=False)]
+    prompt = [1, 260] + path + [260]
+    engine = AsyncModel(mullama.Model.load(m.path), n_ctx=128, n_parallel=4)   # closes its model
+    seeds = range(24)
+
+    async def run(seed: int, spec: bool, into: dict) -> None:
+        sampler = base.replace(seed=seed)
+        if spec:
+            sampler = sampler.replace(speculative="ngram", ngram=1, draft_min=4)
+        cfg = StreamConfig(max_tokens=8, timeout_ms=300_000, logprobs=False, sampler=sampler)
+        async with await engine.generate_stream(prompt, cfg) as stream:
+            into[seed] = [t.token_id async for t in stream]
+
+    plain: dict[int, list] = {}
+    spec: dict[int, list] = {}
+    try:
+        for seed in seeds:
+            await run(seed, False, plain)
+        for group in range(0, len(seeds), 4):
+            async with anyio.create_task_group() as tg:
+                for seed in seeds[group:group + 4]:
+                    tg.start_soon(run, seed, True, spec)
+        stats = engine.spec_stats()
+    finally:
+        engine.close()
+    assert stats["drafted"] > stats["accepted"] > 0
+    assert sum(spec[s] == plain[s] for s in seeds) >= 0.9 * len(seeds)
+
+
 # ---------------------------------------------------------------- concurrent streams
 
 
