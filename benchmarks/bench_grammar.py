@@ -22,11 +22,8 @@ Timings are reported, never asserted; raw numbers go to bench-results/grammar.js
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,52 +105,18 @@ def _grammar_counters(ctx: Any) -> dict[str, int]:
 
 class Server:
     def __init__(self, exe: Path, model_path: str, threads: int) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cmd = [str(exe), "-m", model_path, "-np", "1", "-c", "2048", "-b", "512", "-t", str(threads),
-               "-tb", str(threads), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.close()
-        raise SystemExit("llama-server did not become healthy")
+        self.proc, self.port = env.start_llama_server(
+            exe, ["-m", model_path, "-np", "1", "-c", "2048", "-b", "512", "-t", str(threads),
+                  "-tb", str(threads), "--no-webui"])
 
     def run(self, ids: list[int], tokens: int, constrained: bool) -> dict:
         body: dict[str, Any] = {"prompt": ids, "n_predict": tokens, "temperature": 0.0, "top_k": 1,
-                                "stream": True, "cache_prompt": False}
+                                "cache_prompt": False}
         if constrained:
             body["json_schema"] = SCHEMA
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        stamps: list[float] = []
-        pieces: list[str] = []
-        final: dict = {}
-        t0 = time.perf_counter()
-        conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise SystemExit(f"llama-server answered {resp.status}: {resp.read()[:500]!r}")
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            event = json.loads(line[5:])
-            if event.get("stop"):
-                final = event
-                break
-            stamps.append(time.perf_counter())
-            pieces.append(event.get("content", ""))
-        conn.close()
+        stamps, pieces, final = env.stream_completion(self.port, body)
         timings = final.get("timings", {})
-        return {"stamps": [t - t0 for t in stamps], "tokens": final.get("tokens_predicted", len(stamps)),
+        return {"stamps": stamps, "tokens": final.get("tokens_predicted", len(stamps)),
                 "finish_reason": final.get("stop_type"), "text": "".join(pieces),
                 "server_tok_s": timings.get("predicted_per_second")}
 

@@ -24,7 +24,6 @@ Nothing is asserted; figures go to stdout and bench-results/spec.json.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import subprocess
@@ -165,30 +164,12 @@ def start_server(model_path: str, threads: int, spec: bool) -> tuple[subprocess.
 
 
 def run_server(port: int, prompt: str, tokens: int) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "n_predict": tokens, "temperature": 0.0, "top_k": 1, "stream": True,
-                       "cache_prompt": False})
-    conn.request("POST", "/completion", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    stamps: list[float] = []
-    n = 0
-    final: dict = {}
-    for raw in resp:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue
-        event = json.loads(line[5:])
-        if event.get("stop"):
-            final = event
-            break
-        if event.get("content") or event.get("tokens"):
-            stamps.append(time.perf_counter())
-    conn.close()
+    stamps, _, final = env.stream_completion(port, {"prompt": prompt, "n_predict": tokens, "temperature": 0.0,
+                                                    "top_k": 1, "cache_prompt": False})
     n = int(final.get("tokens_predicted", len(stamps)))
     timings = final.get("timings", {})
-    # stamps mark events; an event can carry several tokens: rate over the tokens between them
-    first_tokens = 1
-    rate = (n - first_tokens) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+    # an event can carry several tokens: the rate is over the tokens after the first event's
+    rate = (n - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
     return {"tokens": n, "tok_s": rate, "server_tok_s": timings.get("predicted_per_second"),
             "drafted": timings.get("draft_n"), "accepted": timings.get("draft_n_accepted")}
 

@@ -124,14 +124,22 @@ def tiny_model_bytes(
         })
     tensors.update(extra_tensors or {})
 
+    align = meta.get("general.alignment", (0, None))
+    # lay the data out as the key says (absurd values: not)
+    ok = align[1] == VT.UINT32 and 0 < align[0] <= 4096 and align[0] & (align[0] - 1) == 0
+    return _write_gguf("llama", meta, tensors, align[0] if ok else None)
+
+
+def _write_gguf(arch: str, meta: dict[str, tuple[Any, VT]], tensors: dict[str, np.ndarray],
+                alignment: int | None = None) -> bytes:
+    """The bytes of a GGUF file with these keys and tensors."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "tiny.gguf"
-        writer = gguf.GGUFWriter(str(out), "llama")
+        out = Path(tmp) / "model.gguf"
+        writer = gguf.GGUFWriter(str(out), arch)
         for key, (value, vtype) in meta.items():
             writer.add_key_value(key, value, vtype)
-        align = meta.get("general.alignment", (0, None))
-        if align[1] == VT.UINT32 and 0 < align[0] <= 4096 and align[0] & (align[0] - 1) == 0:
-            writer.data_alignment = align[0]  # lay the data out as the key says (absurd values: not)
+        if alignment is not None:
+            writer.data_alignment = alignment
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -320,15 +328,4 @@ def tiny_reranker_bytes(head: bool = True, n_labels: int = 1) -> bytes:
     }
     if head and n_labels > 1:
         meta[a + "classifier.output_labels"] = ([f"label{i}" for i in range(n_labels)], VT.ARRAY)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rerank.gguf"
-        writer = gguf.GGUFWriter(str(out), "bert")
-        for key, (value, vtype) in meta.items():
-            writer.add_key_value(key, value, vtype)
-        for name, array in reranker_tensors(head, n_labels).items():
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return out.read_bytes()
+    return _write_gguf("bert", meta, reranker_tensors(head, n_labels))
