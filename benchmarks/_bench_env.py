@@ -220,12 +220,11 @@ def start_llama_server(exe: Path, args: list[str], timeout: float = 120.0) -> tu
 
 def stream_completion(port: int, body: dict) -> tuple[list[float], list[str], dict]:
     """POST ``body`` to llama-server's streamed ``/completion``: the arrival time of each
-    event (seconds after the request was sent), its text, and the final event."""
+    event (``time.perf_counter()``), its text, and the final event."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     stamps: list[float] = []
     pieces: list[str] = []
     final: dict = {}
-    t0 = time.perf_counter()
     conn.request("POST", "/completion", json.dumps(dict(body, stream=True)), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
@@ -238,7 +237,7 @@ def stream_completion(port: int, body: dict) -> tuple[list[float], list[str], di
         if event.get("stop"):
             final = event
             break
-        stamps.append(time.perf_counter() - t0)
+        stamps.append(time.perf_counter())
         pieces.append(event.get("content", ""))
     conn.close()
     return stamps, pieces, final

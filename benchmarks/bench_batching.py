@@ -16,7 +16,6 @@ Nothing is asserted; figures go to stdout and bench-results/batching.json.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import subprocess
@@ -86,25 +85,10 @@ def server_level(port: int, n: int, tokens: int) -> dict:
     t0 = time.perf_counter()
 
     def one(i: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        body = json.dumps({"prompt": PROMPTS[i % 8], "n_predict": tokens, "temperature": 0.0, "stream": True,
-                           "cache_prompt": False, "top_k": 1})
-        conn.request("POST", "/completion", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            event = json.loads(line[5:])
-            if event.get("stop"):
-                counts[i] = event.get("tokens_predicted", counts[i])
-                break
-            now = time.perf_counter()
-            if counts[i] == 0:
-                ttfts[i] = now - t0
-            stamps[i].append(now)
-            counts[i] += 1
-        conn.close()
+        stamps[i], _, final = env.stream_completion(port, {"prompt": PROMPTS[i % 8], "n_predict": tokens,
+                                                           "temperature": 0.0, "cache_prompt": False, "top_k": 1})
+        counts[i] = final.get("tokens_predicted", len(stamps[i]))
+        ttfts[i] = stamps[i][0] - t0 if stamps[i] else 0.0
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:

@@ -114,9 +114,10 @@ class Server:
                                 "cache_prompt": False}
         if constrained:
             body["json_schema"] = SCHEMA
+        t0 = time.perf_counter()
         stamps, pieces, final = env.stream_completion(self.port, body)
         timings = final.get("timings", {})
-        return {"stamps": stamps, "tokens": final.get("tokens_predicted", len(stamps)),
+        return {"stamps": [t - t0 for t in stamps], "tokens": final.get("tokens_predicted", len(stamps)),
                 "finish_reason": final.get("stop_type"), "text": "".join(pieces),
                 "server_tok_s": timings.get("predicted_per_second")}
 
