@@ -223,7 +223,8 @@ async def test_sampled_streams_sharing_passes_keep_their_seeded_output(peaked_ti
         sampler = base.replace(seed=seed)
         if spec:
             sampler = sampler.replace(speculative="ngram", ngram=1, draft_min=4)
-        cfg = StreamConfig(max_tokens=8, timeout_ms=300_000, logprobs=False, sampler=sampler)
+        cfg = StreamConfig(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0, timeout_ms=300_000,
+                           logprobs=False, sampler=sampler)   # (the config's three override the sampler's)
         async with await engine.generate_stream(prompt, cfg) as stream:
             into[seed] = [t.token_id async for t in stream]
 
